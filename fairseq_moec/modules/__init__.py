@@ -1,0 +1,9 @@
+"""Plain-torch building blocks of MoEC layers (no fairseq import)."""
+from .config import MoEConfig
+from .dropout import ClusterDropout
+from .experts import ExpertFFNs, GroupedLinear
+from .moe_layer import MoELayer, capacity, dispatch_combine
+from .router import CosineRouter, LinearRouter, Routing, route
+
+__all__ = ["MoEConfig", "ClusterDropout", "ExpertFFNs", "GroupedLinear", "MoELayer", "capacity",
+           "dispatch_combine", "CosineRouter", "LinearRouter", "Routing", "route"]

@@ -1,0 +1,96 @@
+"""The options of a MoEC layer: the single definition of every MoE flag.
+
+Each field becomes the command-line flag ``--<field with dashes>`` in the fairseq glue, so error messages
+name the flag a user typed. Plain dataclass, no fairseq import.
+"""
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+ROUTERS = ("linear", "cosine")
+REROUTES = ("cluster", "global")
+CLUSTER_LOSSES = ("intra", "ratio")
+LOSS_NORMS = ("mean", "sum")
+ACTIVATIONS = ("relu", "gelu")
+
+
+def _opt(default, help, choices=None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class MoEConfig:
+    moe_expert_count: int = _opt(8, "number of experts E in each MoE layer")
+    moe_clusters: int = _opt(1, "number of expert clusters G (E % G == 0; expert e is in cluster e // (E/G)); 1 = plain MoE")
+    moe_top_k: int = _opt(1, "experts per token (1 = Switch/MoEC, 2 = GShard-style with renormalised gates)")
+    moe_expert_sublayers: int = _opt(1, "stacked FFN sublayers per expert (the MoEC paper uses 3)")
+    moe_expert_ffn_dim: int = _opt(0, "hidden size of each expert FFN; 0 = the model's FFN size")
+    moe_router: str = _opt("linear", "router: 'linear' softmax router in fp32, or 'cosine' low-dimensional (X-MoE)", ROUTERS)
+    moe_router_dim: int = _opt(32, "projection size of the cosine router")
+    moe_router_temperature: float = _opt(0.07, "initial (learned) temperature of the cosine router")
+    moe_capacity_factor: Optional[float] = _opt(None, "training capacity factor; tokens over capacity are dropped (skip the layer). Unset = dropless")
+    moe_eval_capacity_factor: Optional[float] = _opt(None, "capacity factor for validation and generation. Unset = dropless")
+    moe_jitter_eps: float = _opt(0.0, "multiplicative jitter noise on router input during training, uniform in [1-eps, 1+eps]")
+    cluster_dropout: float = _opt(0.0, "fraction of experts dropped inside every cluster during training (round(p*E/G), >=1 survivor per cluster)")
+    cluster_dropout_interval: int = _opt(250, "resample the dropped experts every this many optimizer updates")
+    cluster_dropout_reroute: str = _opt("cluster", "where a token whose expert is dropped goes: best survivor in the same 'cluster', or 'global' best survivor", REROUTES)
+    moe_cluster_loss: str = _opt("intra", "cluster variance loss: 'intra' (mean within-cluster variance of routing mass) or 'ratio' (intra / inter)", CLUSTER_LOSSES)
+    moe_cluster_loss_norm: str = _opt("mean", "routing mass per expert: 'mean' of router probabilities over tokens, or 'sum' (official code; grows with T^2)", LOSS_NORMS)
+    moe_seed: int = _opt(1, "seed of the cluster-dropout masks (combined with the layer id and the resample period)")
+
+    @property
+    def cluster_size(self) -> int:
+        return self.moe_expert_count // self.moe_clusters
+
+    @property
+    def dropped_per_cluster(self) -> int:
+        return int(round(self.cluster_dropout * self.cluster_size))
+
+    def validate(self) -> "MoEConfig":
+        """Raise ValueError naming the flag for every invalid value or combination."""
+        def bad(name, msg):
+            raise ValueError(f"--{name.replace('_', '-')}: {msg}")
+
+        E, G = self.moe_expert_count, self.moe_clusters
+        if E < 1:
+            bad("moe_expert_count", f"must be >= 1, got {E}")
+        if G < 1 or E % G:
+            bad("moe_clusters", f"must be >= 1 and divide --moe-expert-count={E}, got {G} "
+                f"(allowed: {', '.join(str(g) for g in range(1, E + 1) if E % g == 0)})")
+        if self.moe_top_k not in (1, 2) or self.moe_top_k > E:
+            bad("moe_top_k", f"must be 1 or 2 and <= --moe-expert-count={E}, got {self.moe_top_k}")
+        if self.moe_expert_sublayers < 1:
+            bad("moe_expert_sublayers", f"must be >= 1, got {self.moe_expert_sublayers}")
+        if self.moe_expert_ffn_dim < 0:
+            bad("moe_expert_ffn_dim", f"must be >= 0, got {self.moe_expert_ffn_dim}")
+        for name, allowed in (("moe_router", ROUTERS), ("cluster_dropout_reroute", REROUTES),
+                              ("moe_cluster_loss", CLUSTER_LOSSES), ("moe_cluster_loss_norm", LOSS_NORMS)):
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.moe_router_dim < 1:
+            bad("moe_router_dim", f"must be >= 1, got {self.moe_router_dim}")
+        if self.moe_router_temperature <= 0:
+            bad("moe_router_temperature", f"must be > 0, got {self.moe_router_temperature}")
+        for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+            cf = getattr(self, name)
+            if cf is not None and not cf > 0:
+                bad(name, f"must be > 0 (leave unset for dropless), got {cf}")
+        if not 0.0 <= self.moe_jitter_eps < 1.0:
+            bad("moe_jitter_eps", f"must be in [0, 1), got {self.moe_jitter_eps}")
+        if not 0.0 <= self.cluster_dropout < 1.0:
+            bad("cluster_dropout", f"must be in [0, 1), got {self.cluster_dropout}")
+        if self.cluster_dropout > 0:
+            if self.dropped_per_cluster >= self.cluster_size:
+                bad("cluster_dropout", f"{self.cluster_dropout} drops {self.dropped_per_cluster} of the "
+                    f"{self.cluster_size} experts in each cluster, leaving it empty")
+            if E - G * self.dropped_per_cluster < self.moe_top_k:
+                bad("cluster_dropout", f"leaves fewer than --moe-top-k={self.moe_top_k} experts")
+        if self.cluster_dropout_interval < 1:
+            bad("cluster_dropout_interval", f"must be >= 1, got {self.cluster_dropout_interval}")
+        return self
+
+    @classmethod
+    def from_namespace(cls, args) -> "MoEConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})

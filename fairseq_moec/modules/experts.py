@@ -1,0 +1,72 @@
+"""Experts: E independent FFNs applied to tokens already sorted by expert (contiguous groups)."""
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs one kernel for all experts; in torch 2.13 it takes bf16 (CUDA and CPU)."""
+    return hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+
+
+class Groups(NamedTuple):
+    """Row layout for one grouped call: host counts for the per-expert loop, or device offsets and the
+    expert of every row for torch._grouped_mm (then no host synchronisation at all)."""
+    counts: Optional[List[int]]
+    offsets: Optional[torch.Tensor]
+    row_expert: Optional[torch.Tensor]
+
+    @staticmethod
+    def of(x: torch.Tensor, counts: torch.Tensor) -> "Groups":
+        if grouped_mm_available(x):
+            row_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
+                                                 output_size=x.shape[0])
+            return Groups(None, counts.cumsum(0).to(torch.int32), row_expert)
+        return Groups(counts.tolist(), None, None)  # the one host read of the split sizes
+
+
+class GroupedLinear(nn.Module):
+    """E linear maps stored as one [E, out, in] weight (nn.Linear layout per expert)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
+        for w in self.weight:  # the initialisation nn.Linear uses, per expert
+            nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+        nn.init.uniform_(self.bias, -in_features ** -0.5, in_features ** -0.5)
+
+    def forward(self, x: torch.Tensor, groups: "Groups") -> torch.Tensor:
+        """x: [N, in] rows grouped by expert (``groups`` says how many rows each expert has)."""
+        if groups.counts is None:
+            offsets, row_expert = groups.offsets, groups.row_expert
+            y = torch._grouped_mm(x, self.weight.transpose(1, 2), offs=offsets)
+            return y + self.bias[row_expert].to(y.dtype)
+        # unbind once: slicing the big parameter per expert would make autograd build a full-size gradient
+        # for every slice; unbind's backward stacks the per-expert gradients once.
+        weights, biases = self.weight.unbind(0), self.bias.unbind(0)
+        outs = [F.linear(chunk, weights[e], biases[e])
+                for e, chunk in enumerate(x.split(groups.counts)) if groups.counts[e] > 0]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.weight.shape[1])
+
+
+class ExpertFFNs(nn.Module):
+    """E experts, each a stack of ``sublayers`` FFNs (fc1 -> activation -> dropout -> fc2) applied in turn."""
+
+    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, sublayers: int = 1,
+                 activation: str = "relu", activation_dropout: float = 0.0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.fc1 = nn.ModuleList(GroupedLinear(num_experts, embed_dim, ffn_dim) for _ in range(sublayers))
+        self.fc2 = nn.ModuleList(GroupedLinear(num_experts, ffn_dim, embed_dim) for _ in range(sublayers))
+        self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
+        self.activation_dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [N, d] sorted by expert; counts: [E] rows per expert (a device tensor)."""
+        groups = Groups.of(x, counts)
+        for fc1, fc2 in zip(self.fc1, self.fc2):
+            x = fc2(self.activation_dropout(self.activation(fc1(x, groups))), groups)
+        return x

@@ -1,0 +1,120 @@
+"""The MoEC layer: route, dispatch by sorting, run the experts, combine; report losses and statistics."""
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from . import losses
+from .config import MoEConfig
+from .dropout import ClusterDropout
+from .experts import ExpertFFNs
+from .router import CosineRouter, LinearRouter, route
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[float]) -> Optional[int]:
+    """Slots per expert: ceil(factor * k * T / E); None (dropless) when no factor is set."""
+    return None if factor is None else max(1, math.ceil(factor * top_k * num_tokens / num_experts))
+
+
+def dispatch_combine(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, num_experts: int,
+                     expert_fn, slots: Optional[int] = None):
+    """out[t] = sum_j gates[t, j] * expert_{experts[t, j]}(x[t]) over the assignments that fit in capacity.
+
+    Assignments are ordered choice-major (every token's first choice before any second choice, tokens in
+    order), stably sorted by expert, and each expert keeps its first ``slots`` of them: GShard's priority.
+    No one-hot [T, E, C] tensor: the cost is a sort plus the expert FFNs on the kept rows.
+    Returns (out [T, d], kept [T, k] bool).
+    """
+    T, k = experts.shape
+    flat_expert = experts.t().reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts)
+    if slots is not None:
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(T * k, device=x.device) - starts[flat_expert[order]]
+        order = order[rank < slots]
+        counts = counts.clamp(max=slots)
+    kept = torch.zeros(T * k, dtype=torch.bool, device=x.device)
+    kept[order] = True
+    token = order % T
+    y = expert_fn(x[token], counts)
+    y = y * gates.t().reshape(-1)[order, None].to(y.dtype)
+    out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+    return out, kept.view(k, T).t()
+
+
+class MoELayer(nn.Module):
+    """Drop-in replacement for a Transformer FFN block: [..., d] in, [..., d] out.
+
+    After each forward ``last_losses`` holds the raw auxiliary losses (balance, cluster, z) and
+    ``last_stats`` the detached routing statistics of that batch, for the criterion to weight and log.
+    """
+
+    def __init__(self, cfg: MoEConfig, embed_dim: int, ffn_dim: int, activation: str = "relu",
+                 activation_dropout: float = 0.0, layer_id: int = 0):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        E = cfg.moe_expert_count
+        self.router = (LinearRouter(embed_dim, E) if cfg.moe_router == "linear" else
+                       CosineRouter(embed_dim, E, cfg.moe_router_dim, cfg.moe_router_temperature))
+        self.experts = ExpertFFNs(E, embed_dim, cfg.moe_expert_ffn_dim or ffn_dim, cfg.moe_expert_sublayers,
+                                  activation, activation_dropout)
+        self.cluster_dropout = ClusterDropout(E, cfg.moe_clusters, cfg.cluster_dropout,
+                                              cfg.cluster_dropout_interval, cfg.moe_seed, layer_id)
+        self.last_losses: Dict[str, torch.Tensor] = {}
+        self.last_stats: Dict[str, torch.Tensor] = {}
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.cluster_dropout.set_num_updates(num_updates)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [..., d]; padding_mask: bool, same leading shape as x, True at padding (excluded everywhere)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        keep = None if padding_mask is None else ~padding_mask.reshape(-1)
+        tokens = x if keep is None else x[keep]
+        out_tokens = self._forward_tokens(tokens)
+        if keep is None:
+            return out_tokens.view(shape)
+        return x.new_zeros(x.shape).index_put_((keep.nonzero().squeeze(1),), out_tokens).view(shape)
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        E, T = cfg.moe_expert_count, x.shape[0]
+        router_in = x
+        if self.training and cfg.moe_jitter_eps > 0:
+            router_in = x * torch.empty_like(x).uniform_(1 - cfg.moe_jitter_eps, 1 + cfg.moe_jitter_eps)
+        survivors = self.cluster_dropout.mask()
+        r = route(self.router(router_in), cfg.moe_top_k, cfg.cluster_size, survivors, cfg.cluster_dropout_reroute)
+        factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor
+        out, kept = dispatch_combine(x, r.experts, r.gates, E, self.experts,
+                                     capacity(T, E, cfg.moe_top_k, factor))
+        self._record(r, kept, survivors)
+        return out
+
+    def _record(self, r, kept, survivors) -> None:
+        cfg = self.cfg
+        if r.probs.shape[0] == 0:  # an all-padding batch: nothing to balance
+            zero = r.probs.new_zeros(())
+            self.last_losses = {"balance": zero, "cluster": zero, "z": zero}
+            self.last_stats = {}
+            return
+        intra, inter = losses.cluster_variances(losses.routing_mass(r.probs, cfg.moe_cluster_loss_norm),
+                                                cfg.moe_clusters, survivors)
+        self.last_losses = {
+            "balance": losses.load_balance_loss(r.probs, r.experts, survivors),
+            "cluster": (losses.cluster_loss(intra, inter, cfg.moe_cluster_loss) if cfg.moe_clusters > 1
+                        else intra.new_zeros(())),
+            "z": losses.router_z_loss(r.logits),
+        }
+        with torch.no_grad():
+            cv, entropy = losses.load_statistics(r.experts, cfg.moe_expert_count, survivors)
+            self.last_stats = {
+                "load_cv": cv, "load_entropy": entropy,
+                "dropped_frac": 1.0 - kept.float().mean(), "rerouted_frac": r.rerouted.float().mean(),
+                "intra_var": intra.detach(), "inter_var": inter.detach(),
+                "tokens": r.probs.new_tensor(float(r.probs.shape[0])),
+                "expert_load": torch.bincount(r.experts.reshape(-1), minlength=cfg.moe_expert_count).float(),
+            }

@@ -1,0 +1,1 @@
+from .translation_moec import TranslationMoECTask  # noqa: F401
