@@ -49,7 +49,10 @@ class MoELayer(nn.Module):
 
     After each forward ``last_losses`` holds the raw auxiliary losses (balance, cluster, z) and
     ``last_stats`` the detached routing statistics of that batch, for the criterion to weight and log.
+    With ``keep_routing = True`` (analysis tools), ``last_routing`` also holds the detached routing:
+    (positions [T] of the routed tokens in the flattened input, experts [T, k], probs [T, E]).
     """
+    keep_routing = False
 
     def __init__(self, cfg: MoEConfig, embed_dim: int, ffn_dim: int, activation: str = "relu",
                  activation_dropout: float = 0.0, layer_id: int = 0):
@@ -65,6 +68,7 @@ class MoELayer(nn.Module):
                                               cfg.cluster_dropout_interval, cfg.moe_seed, layer_id)
         self.last_losses: Dict[str, torch.Tensor] = {}
         self.last_stats: Dict[str, torch.Tensor] = {}
+        self.last_routing = None
 
     def set_num_updates(self, num_updates: int) -> None:
         self.cluster_dropout.set_num_updates(num_updates)
@@ -75,7 +79,11 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])
         keep = None if padding_mask is None else ~padding_mask.reshape(-1)
         tokens = x if keep is None else x[keep]
-        out_tokens = self._forward_tokens(tokens)
+        out_tokens, r = self._forward_tokens(tokens)
+        if self.keep_routing:
+            positions = torch.arange(x.shape[0], device=x.device)
+            positions = positions if keep is None else positions[keep]
+            self.last_routing = (positions, r.experts.detach(), r.probs.detach())
         if keep is None:
             return out_tokens.view(shape)
         return x.new_zeros(x.shape).index_put_((keep.nonzero().squeeze(1),), out_tokens).view(shape)
@@ -92,7 +100,7 @@ class MoELayer(nn.Module):
         out, kept = dispatch_combine(x, r.experts, r.gates, E, self.experts,
                                      capacity(T, E, cfg.moe_top_k, factor))
         self._record(r, kept, survivors)
-        return out
+        return out, r
 
     def _record(self, r, kept, survivors) -> None:
         cfg = self.cfg
