@@ -1,0 +1,72 @@
+"""Loss and statistic values against hand computations on small tensors."""
+import math
+
+import pytest
+import torch
+
+from fairseq_moec.modules import losses
+
+# Two tokens, four experts in two clusters {0,1} {2,3}.
+PROBS = torch.tensor([[0.7, 0.2, 0.05, 0.05],
+                      [0.1, 0.1, 0.6, 0.2]])
+TOP1 = torch.tensor([[0], [2]])
+
+
+def test_load_balance_by_hand():
+    # f = [1/2, 0, 1/2, 0]; P = mean probs = [0.4, 0.15, 0.325, 0.125]
+    # E * sum f*P = 4 * (0.5*0.4 + 0.5*0.325) = 4 * 0.3625 = 1.45
+    assert float(losses.load_balance_loss(PROBS, TOP1)) == pytest.approx(1.45)
+    uniform = torch.full((4, 4), 0.25)
+    assert float(losses.load_balance_loss(uniform, torch.arange(4)[:, None])) == pytest.approx(1.0)
+
+
+def test_load_balance_over_survivors_by_hand():
+    # expert 1 dropped: probabilities renormalised over survivors, E' = 3
+    probs = torch.tensor([[0.8, 0.0, 0.1, 0.1], [0.2, 0.0, 0.6, 0.2]])
+    survivors = torch.tensor([True, False, True, True])
+    # P = [0.5, 0, 0.35, 0.15]; f = [0.5, 0, 0.5, 0] -> 3 * (0.25 + 0.175) = 1.275
+    assert float(losses.load_balance_loss(probs, TOP1, survivors)) == pytest.approx(1.275)
+
+
+def test_z_loss_by_hand():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(2.0), 0.0, 0.0, 0.0]])
+    # logsumexp: log 4 and log(2 + 3) = log 5
+    expected = (math.log(4) ** 2 + math.log(5) ** 2) / 2
+    assert float(losses.router_z_loss(logits)) == pytest.approx(expected)
+    dropped = torch.tensor([[0.0, -math.inf, 0.0, 0.0]])  # a dropped expert adds nothing: log 3
+    assert float(losses.router_z_loss(dropped)) == pytest.approx(math.log(3) ** 2)
+
+
+def test_cluster_variances_by_hand():
+    mass = losses.routing_mass(PROBS, "mean")  # [0.4, 0.15, 0.325, 0.125]
+    intra, inter = losses.cluster_variances(mass, 2)
+    # cluster 0: mean 0.275, var (0.125^2 + 0.125^2)/2 = 0.015625
+    # cluster 1: mean 0.225, var (0.1^2 + 0.1^2)/2 = 0.01       -> intra = 0.0128125
+    # cluster means 0.275, 0.225 around 0.25 -> inter = 0.025^2 = 0.000625
+    assert float(intra) == pytest.approx(0.0128125)
+    assert float(inter) == pytest.approx(0.000625)
+    assert float(losses.cluster_loss(intra, inter, "intra")) == pytest.approx(0.0128125)
+    assert float(losses.cluster_loss(intra, inter, "ratio")) == pytest.approx(20.5, rel=1e-5)
+    # 'sum' normalisation (official code) multiplies the mass by T=2, the variances by 4
+    intra_sum, _ = losses.cluster_variances(losses.routing_mass(PROBS, "sum"), 2)
+    assert float(intra_sum) == pytest.approx(4 * 0.0128125)
+
+
+def test_cluster_variances_over_survivors_by_hand():
+    mass = torch.tensor([0.5, 0.0, 0.35, 0.15])
+    survivors = torch.tensor([True, False, True, True])
+    intra, inter = losses.cluster_variances(mass, 2, survivors)
+    # cluster 0 has one survivor: variance 0, mean 0.5; cluster 1: mean 0.25, variance 0.01 -> intra 0.005
+    # cluster means 0.5 and 0.25 around 0.375 -> inter 0.125^2 = 0.015625
+    assert float(intra) == pytest.approx(0.005)
+    assert float(inter) == pytest.approx(0.015625)
+
+
+def test_load_statistics_by_hand():
+    cv, entropy = losses.load_statistics(TOP1, 4)
+    # load [1, 0, 1, 0]: mean 0.5, std 0.5 -> cv 1; distribution [.5, 0, .5, 0] -> entropy ln 2
+    assert float(cv) == pytest.approx(1.0)
+    assert float(entropy) == pytest.approx(math.log(2))
+    cv, entropy = losses.load_statistics(torch.tensor([[0], [2], [3]]), 4, torch.tensor([True, False, True, True]))
+    assert float(cv) == pytest.approx(0.0)  # one token on each of the 3 survivors
+    assert float(entropy) == pytest.approx(math.log(3))
