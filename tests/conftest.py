@@ -62,8 +62,16 @@ TINY_MOEC_ARGS = [
 @pytest.fixture(scope="session")
 def tiny_moec_checkpoint(tiny_corpus, tmp_path_factory):
     """(checkpoint_path, data_bin): a tiny MoEC model (MoE in encoder and decoder layer 1, 4 experts in 2
-    clusters, cluster dropout on) trained for 4 updates on the tiny corpus."""
+    clusters, cluster dropout on) trained for 4 updates on the tiny corpus. The run also logs to TensorBoard
+    (see ``tiny_moec_tensorboard``)."""
     _, _, data_bin = tiny_corpus
     save_dir = tmp_path_factory.mktemp("tiny_moec_ckpt")
-    run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, "--max-update", "4", "--save-dir", save_dir])
+    run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, "--max-update", "4", "--save-dir", save_dir,
+         "--tensorboard-logdir", save_dir / "tensorboard"])
     return save_dir / "checkpoint_last.pt", data_bin
+
+
+@pytest.fixture(scope="session")
+def tiny_moec_tensorboard(tiny_moec_checkpoint):
+    """The --tensorboard-logdir of the ``tiny_moec_checkpoint`` run (subfolders train_inner/, train/, valid/)."""
+    return tiny_moec_checkpoint[0].parent / "tensorboard"
