@@ -148,8 +148,11 @@ def test_analysis_command_on_tiny_model(tiny_moec_checkpoint, tmp_path):
 
     # every non-padding token of the first 50 sentence pairs was routed once per layer (source tokens in the
     # encoder, previous output tokens = target length in the decoder), and none of them mapped to padding
-    src = MMapIndexedDataset(str(data_bin / "valid.es-en.es")).sizes[:50].sum()
-    tgt = MMapIndexedDataset(str(data_bin / "valid.es-en.en")).sizes[:50].sum()
+    def first_50_tokens(lang):  # keep the memory-mapped dataset alive while its sizes are read
+        ds = MMapIndexedDataset(str(data_bin / f"valid.es-en.{lang}"))
+        return int(ds.sizes[:50].sum())
+
+    src, tgt = first_50_tokens("es"), first_50_tokens("en")
     for name, side, n in (("enc1", "encoder", src), ("dec1", "decoder", tgt)):
         s = summary["layers"][name]
         assert SUMMARY_LAYER_KEYS <= set(s), SUMMARY_LAYER_KEYS - set(s)

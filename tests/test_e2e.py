@@ -6,6 +6,8 @@ import pytest
 import sacrebleu
 import torch
 
+import fairseq_moec  # noqa: F401  (allowlists the globals of fairseq checkpoints for torch.load)
+
 from conftest import FIXTURE, TINY_MOEC_ARGS, cli, run
 
 pytestmark = pytest.mark.slow
