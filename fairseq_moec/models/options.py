@@ -65,3 +65,30 @@ def validate(args) -> MoEConfig:
     if not enc and not dec:
         raise ValueError("--moe-encoder-layers/--moe-decoder-layers/--moe-every: no layer is a MoE layer")
     return MoEConfig.from_namespace(args).validate()
+
+
+def options_markdown() -> str:
+    """The README's option table, generated from the dataclasses that define the options."""
+    from ..criterions.moec_label_smoothed_cross_entropy import MoECCriterionConfig  # glue-level, import late
+
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    groups = [("model (`--arch moec_transformer*`)", (MoEPlacement, MoEConfig)),
+              ("criterion (`--criterion moec_label_smoothed_cross_entropy`)", (MoECCriterionConfig,))]
+    for title, dcs in groups:
+        rows.append(f"| **{title}** | | |")
+        for dc in dcs:
+            names = {f.name for f in dataclasses.fields(dc)}
+            if dc is MoECCriterionConfig:  # only what this plugin adds to fairseq's label-smoothed CE
+                names = {n for n in names if n.startswith("moe_")}
+            for f in dataclasses.fields(dc):
+                if f.name not in names:
+                    continue
+                choices = f.metadata.get("choices")
+                meaning = f.metadata["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
+                default = "unset" if f.default is None else f"`{f.default}`" if f.default != "" else "`''`"
+                rows.append(f"| `--{f.name.replace('_', '-')}` | {default} | {meaning.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")
