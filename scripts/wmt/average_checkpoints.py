@@ -1,0 +1,127 @@
+"""Average the parameters of the last N fairseq checkpoints (fairseq's own script is not in its pip wheel).
+
+    average_checkpoints.py --dir CKPT_DIR --last N [--by updates|epochs] --output OUT.pt
+    average_checkpoints.py --inputs A.pt B.pt ... --output OUT.pt
+
+--by updates picks checkpoint_<epoch>_<updates>.pt (written with --save-interval-updates), --by epochs picks
+checkpoint<epoch>.pt. Floating-point tensors are averaged in fp32 (or fp64) and cast back; other tensors (e.g.
+the cluster-dropout mask and its period, which are state, not weights) are taken from the newest checkpoint.
+The output is the newest checkpoint with the averaged model and without the optimizer state (generation does
+not need it; it is the bulk of the file). Checkpoints are read with torch's weights_only loader, which the
+fairseq_moec plugin extends with exactly the globals fairseq checkpoints need.
+"""
+import argparse
+import os
+import re
+import sys
+from typing import List
+
+from common import atomic_path, die, log, main_guard
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def allow_fairseq_checkpoint_globals() -> None:
+    """The plugin's allowlist for torch's weights_only loader. Its module needs only torch and numpy, so it is
+    loaded by path: importing the package would import all of fairseq (seconds) just to average tensors."""
+    path = os.path.join(REPO, "fairseq_moec", "checkpoint_safety.py")
+    try:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_fairseq_moec_checkpoint_safety", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.allow_fairseq_checkpoint_globals()
+    except (OSError, ImportError, AttributeError):  # moved or changed: fall back to the package
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        import fairseq_moec  # noqa: F401  (registers the allowlist on import)
+
+
+def find_checkpoints(directory: str, last: int, by: str) -> List[str]:
+    if not os.path.isdir(directory):
+        die(f"checkpoint directory not found: {directory}")
+    pattern = re.compile(r"^checkpoint_(\d+)_(\d+)\.pt$" if by == "updates" else r"^checkpoint(\d+)\.pt$")
+    found = []
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m:
+            found.append((int(m.group(m.lastindex)), os.path.join(directory, name)))
+    if not found:
+        hint = ("checkpoint_<epoch>_<updates>.pt files: train with --save-interval-updates, or use --by epochs"
+                if by == "updates" else "checkpoint<epoch>.pt files: did training use --no-epoch-checkpoints?")
+        die(f"no {hint} in {directory}")
+    found.sort()
+    chosen = [p for _, p in found[-last:]]
+    if len(chosen) < last:
+        log(f"[average] only {len(chosen)} checkpoint(s) available, averaging those (asked for {last})")
+    return chosen
+
+
+def load_state(path: str):
+    import torch
+    if not os.path.isfile(path):
+        die(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # a truncated file, or a pickled global the allowlist refuses
+        die(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def average(paths: List[str]):
+    import torch
+    sums, newest = None, None
+    for i, path in enumerate(paths):
+        state = load_state(path)
+        model = state.get("model")
+        if not isinstance(model, dict) or not model:
+            die(f"{path} has no model parameters: not a fairseq checkpoint")
+        if sums is None:
+            sums = {k: (v.to(torch.float64 if v.dtype == torch.float64 else torch.float32).clone()
+                        if v.is_floating_point() else None) for k, v in model.items()}
+            dtypes = {k: v.dtype for k, v in model.items()}
+            shapes = {k: v.shape for k, v in model.items()}
+        else:
+            if set(model) != set(sums):
+                extra, missing = sorted(set(model) - set(sums)), sorted(set(sums) - set(model))
+                die(f"{path} does not have the parameters of {paths[0]} (extra: {extra[:3]}, missing: "
+                    f"{missing[:3]}): checkpoints of different models cannot be averaged")
+            for k, v in model.items():
+                if v.shape != shapes[k]:
+                    die(f"{path}: {k} has shape {tuple(v.shape)}, not {tuple(shapes[k])} as in {paths[0]}")
+                if sums[k] is not None:
+                    sums[k] += v.to(sums[k].dtype)
+        newest = state
+        log(f"[average] {i + 1}/{len(paths)} {path}")
+    n = len(paths)
+    averaged = {}
+    for k, v in newest["model"].items():
+        averaged[k] = (sums[k] / n).to(dtypes[k]) if sums[k] is not None else v
+    newest["model"] = averaged
+    newest.pop("last_optimizer_state", None)
+    if isinstance(newest.get("extra_state"), dict):
+        newest["extra_state"]["averaged_checkpoints"] = [os.path.basename(p) for p in paths]
+    return newest
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--inputs", nargs="+", help="checkpoint files")
+    src.add_argument("--dir", help="checkpoint directory: average its last --last checkpoints")
+    ap.add_argument("--last", type=int, default=5)
+    ap.add_argument("--by", choices=("updates", "epochs"), default="updates")
+    ap.add_argument("--output", required=True)
+    args = ap.parse_args()
+    if args.last < 1:
+        die(f"--last must be >= 1, got {args.last}")
+    paths = args.inputs if args.inputs else find_checkpoints(args.dir, args.last, args.by)
+    allow_fairseq_checkpoint_globals()
+    import torch
+    state = average(paths)
+    with atomic_path(args.output) as tmp:
+        torch.save(state, tmp)
+    log(f"[average] wrote {args.output} (mean of {len(paths)} checkpoints)")
+
+
+if __name__ == "__main__":
+    main_guard(main)
