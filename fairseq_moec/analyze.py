@@ -168,6 +168,7 @@ class LayerRouting:
             "load_cv": cv,
             "load_entropy": entropy,
             "load_entropy_max": math.log(self.E),
+            "effective_experts": math.exp(entropy),  # exp(entropy): E for an even load, 1 for a collapsed one
             "co_routing_rate": (self.same_cluster / self.tokens) if self.E >= 2 and self.tokens else None,
             "co_routing_chance": chance_co_routing(self.E, self.G),
             "cluster_loads": [float(x) for x in cluster_loads(self.counts, self.G)],
@@ -389,7 +390,7 @@ def analyze(checkpoint: str, data_bin: str, split: str = "valid", max_sentences:
                 for _, layer in layers:
                     layer.last_routing = None
                 net_input = sample["net_input"]
-                model(**net_input)
+                model(**net_input, features_only=True)  # routing only: skip the output projection
                 sentences += sample["nsentences"]
                 for name, layer in layers:
                     if layer.last_routing is None:

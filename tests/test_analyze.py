@@ -116,11 +116,13 @@ def test_accumulating_over_batches_equals_one_batch():
     assert a["intra_var"] == pytest.approx(0.185 / 72) and a["inter_var"] == pytest.approx((0.4 / 12) ** 2)
     assert a["routing_mass"] == pytest.approx([2.05 / 6, 1.35 / 6, 1.05 / 6, 1.55 / 6])
     assert a["load_entropy_max"] == pytest.approx(math.log(4))
+    assert a["effective_experts"] == pytest.approx(math.sqrt(12))  # exp(0.5 ln 2 + 0.5 ln 6) = sqrt(12) = 3.46
 
 
 SUMMARY_LAYER_KEYS = {"side", "tokens", "num_experts", "num_clusters", "cluster_size", "load", "load_counts",
-                      "load_cv", "load_entropy", "load_entropy_max", "co_routing_rate", "co_routing_chance",
-                      "cluster_loads", "routing_mass", "intra_var", "inter_var", "top_tokens"}
+                      "load_cv", "load_entropy", "load_entropy_max", "effective_experts", "co_routing_rate",
+                      "co_routing_chance", "cluster_loads", "routing_mass", "intra_var", "inter_var", "top_tokens",
+                      "padding_routed"}
 
 
 def test_analysis_command_on_tiny_model(tiny_moec_checkpoint, tmp_path):
