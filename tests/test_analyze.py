@@ -125,6 +125,7 @@ SUMMARY_LAYER_KEYS = {"side", "tokens", "num_experts", "num_clusters", "cluster_
                       "padding_routed"}
 
 
+@pytest.mark.slow  # fairseq-train and the analysis command
 def test_analysis_command_on_tiny_model(tiny_moec_checkpoint, tmp_path):
     from PIL import Image
     from fairseq.data.indexed_dataset import MMapIndexedDataset

@@ -190,6 +190,7 @@ def read_tensorboard_scalars(path):
     return out
 
 
+@pytest.mark.slow  # fairseq-train and the analysis command
 def test_moe_scalars_reach_tensorboard(tiny_moec_tensorboard):
     expected = {f"moe_{layer}_{stat}" for layer in ("enc1", "dec1") for stat in LOSS_TERMS + ROUTING_STATS}
     expected.add("moe_loss")
