@@ -201,7 +201,7 @@ def plot_load_heatmap(layers: Dict[str, Dict], path: str) -> None:
     data = np.full((len(names), E), np.nan)
     for i, name in enumerate(names):
         data[i, :layers[name]["num_experts"]] = layers[name]["load"]
-    fig, ax = plt.subplots(figsize=(min(3 + 0.45 * E, 24), 1.6 + 0.55 * len(names)))
+    fig, ax = plt.subplots(figsize=(min(3 + 0.45 * E, 14), max(2.8, 1.6 + 0.55 * len(names))))
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax.set_yticks(range(len(names)), names)
     ax.set_xticks(range(E) if E <= 32 else range(0, E, max(1, E // 16)))
