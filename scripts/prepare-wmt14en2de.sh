@@ -117,6 +117,7 @@ fi
 NAME=${CORPUS}_en_de
 [[ $HOLDOUT == 0 ]] || NAME+=_holdout$HOLDOUT
 SUBTAG=$SUBWORD$VOCAB
+[[ $MIN_LEN-$MAX_LEN-$RATIO == 1-250-1.5 ]] || SUBTAG+=_len$MIN_LEN-${MAX_LEN}_ratio$RATIO
 [[ $SUBTAG == unigram32000 ]] && DEST_SUFFIX="" || DEST_SUFFIX=_$SUBTAG
 WORK=${WORK:-work/$NAME}
 DEST=${DEST:-data-bin/$NAME$DEST_SUFFIX}

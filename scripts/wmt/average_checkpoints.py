@@ -16,7 +16,7 @@ import re
 import sys
 from typing import List
 
-from common import atomic_path, die, log, main_guard
+from wmt_common import atomic_path, die, log, main_guard
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -21,7 +21,7 @@ import tarfile
 import zlib
 from typing import Dict, List, Tuple
 
-from common import count_lines, die, iter_lines, log, main_guard, progress, read_lines, write_lines
+from wmt_common import count_lines, die, iter_lines, log, main_guard, progress, read_lines, write_lines
 
 SRC, TGT = "en", "de"
 

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Dict, NamedTuple, Optional
 
-from common import RecipeError, atomic_path, die, log, main_guard, progress, warn, write_text_atomic
+from wmt_common import RecipeError, atomic_path, die, log, main_guard, progress, warn, write_text_atomic
 
 
 class ChecksumMismatch(RecipeError):

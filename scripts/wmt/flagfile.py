@@ -24,7 +24,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from common import die, log, main_guard, warn
+from wmt_common import die, log, main_guard, warn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_ROOT = os.path.join(REPO, "configs")

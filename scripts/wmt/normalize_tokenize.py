@@ -12,7 +12,7 @@ import os
 
 import regex
 
-from common import count_lines, die, iter_lines, log, main_guard, progress
+from wmt_common import count_lines, die, iter_lines, log, main_guard, progress
 
 _NON_PRINTING = regex.compile(r"\p{C}")  # what remove-non-printing-char.perl replaces by a space
 _SPACES = regex.compile(r"\s+")

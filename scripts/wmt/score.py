@@ -17,7 +17,7 @@ import os
 import re
 import time
 
-from common import atomic_path, die, log, main_guard, read_lines, require_file, write_text_atomic
+from wmt_common import atomic_path, die, log, main_guard, read_lines, require_file, write_text_atomic
 
 _COMPOUND = re.compile(r"(\S)-(\S)")
 

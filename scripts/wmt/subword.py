@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from common import count_lines, die, iter_lines, log, main_guard, progress
+from wmt_common import count_lines, die, iter_lines, log, main_guard, progress
 
 
 def cmd_train(args):

@@ -13,7 +13,7 @@ import os
 import shlex
 import time
 
-from common import log, main_guard, write_text_atomic
+from wmt_common import log, main_guard, write_text_atomic
 import flagfile
 
 MODEL_NAMES = {"dense": "Dense Transformer", "moe": "MoE (top-1, no clusters)", "moec": "MoEC"}

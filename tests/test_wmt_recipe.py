@@ -1,0 +1,565 @@
+"""The WMT'14 en-de recipe (prepare, configs, train, evaluate, results table) on tiny fixture archives.
+
+The archives mimic the real statmt.org releases (archive and member names, the test sets' fake-SGML) and
+are built in a temp directory from 520 public-domain Bible verse pairs in tests/fixtures/
+bible_en_es_sample.tsv.gz (World English Bible / Reina-Valera 1909; Spanish stands in for German). No
+network: the prepare script reads them with --archives DIR or WMT_MIRROR=file://DIR.
+"""
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+WMT = SCRIPTS / "wmt"
+CONFIGS = ROOT / "configs" / "wmt14_en_de"
+BIN = Path(sys.executable).parent
+SAMPLE = ROOT / "tests" / "fixtures" / "bible_en_es_sample.tsv.gz"
+VOCAB = "300"  # tiny joint sentencepiece vocabulary for the 430 training pairs
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def run(cmd, cwd=None, env=None, path_prefix=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for var in ("WMT_MIRROR", "DATA", "CUDA_VISIBLE_DEVICES"):
+        e.pop(var, None)
+    e["PATH"] = os.pathsep.join([p for p in (str(path_prefix or ""), str(BIN), e.get("PATH", "")) if p])
+    e.update(env or {})
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, env=e)
+
+
+def script(name, *args, **kw):
+    return run(["bash", SCRIPTS / name, *args], **kw)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def failed(proc, *needles):
+    """The command failed with exit status 2 (bad input) and said each of ``needles`` in one error line."""
+    assert proc.returncode == 2, f"exit {proc.returncode}, expected 2\n{proc.stderr[-4000:]}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors, proc.stderr[-3000:]
+    text = proc.stderr
+    for n in needles:
+        assert n in text, f"{n!r} not in:\n{text[-3000:]}"
+    return proc
+
+
+def load(name):
+    """scripts/wmt/NAME.py as a module with a unique name (their own imports need scripts/wmt on the path)."""
+    if str(WMT) not in sys.path:
+        sys.path.append(str(WMT))
+    spec = importlib.util.spec_from_file_location(f"wmt_recipe_{name}", WMT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- fixture archives
+
+def sample_pairs():
+    rows = gzip.open(SAMPLE, "rt", encoding="utf-8").read().rstrip("\n").split("\n")
+    return [r.split("\t") for r in rows]
+
+
+def _text(lines):
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _sgm(kind, lang, segs, docsize=10):
+    out = [f'<{kind}set setid="newstest2014" srclang="any" trglang="{lang}">']
+    for d in range(0, len(segs), docsize):
+        out += [f'<doc sysid="{kind}" docid="doc{d // docsize}-news" genre="news" origlang="en">', "<p>"]
+        out += [f'<seg id="{i}">{s}</seg>' for i, s in enumerate(segs[d:d + docsize], 1)]
+        out += ["</p>", "</doc>"]
+    return _text(out + [f"</{kind}set>"])
+
+
+def _tgz(path, members):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def build_archive(directory, name, **fault):
+    """Write one fixture archive into ``directory``; ``fault`` injects one defect (see the tests)."""
+    pairs = sample_pairs()
+    en, de = [p[0] for p in pairs], [p[1] for p in pairs]
+    path = Path(directory) / name
+    if name == "training-parallel-europarl-v7.tgz":
+        de_part = de[:260][: 260 - fault.get("drop_de_lines", 0)]
+        _tgz(path, [("training/europarl-v7.de-en.de", _text(de_part)),
+                    ("training/europarl-v7.de-en.en", _text(en[:260])),
+                    ("training/europarl-v7.fr-en.en", _text(en[:5]))])  # other pairs live in the same archive
+    elif name == "training-parallel-commoncrawl.tgz":
+        cc_en, cc_de = en[260:360], de[260:360]
+        cc_en[3] += "\r and a stray carriage return"  # the real corpus has these: must not split the line
+        cc_en[5] = cc_de[5] = ""  # an empty pair: dropped by the length filter
+        _tgz(path, [("commoncrawl.de-en.annotation", _text(["news"] * 100)),
+                    ("commoncrawl.de-en.de", _text(cc_de)), ("commoncrawl.de-en.en", _text(cc_en)),
+                    ("commoncrawl.fr-en.fr", _text(de[:3]))])
+    elif name == "training-parallel-nc-v9.tgz":
+        _tgz(path, [("training/news-commentary-v9.de-en.de", _text(de[360:430])),
+                    ("training/news-commentary-v9.de-en.en", _text(en[360:430]))])
+    elif name == "dev.tgz":
+        _tgz(path, [("dev/newstest2013.de", _text(de[430:470])), ("dev/newstest2013.en", _text(en[430:470])),
+                    ("dev/newstest2013-src.en.sgm", _sgm("src", "en", en[430:470]))])
+    elif name == "test-full.tgz":
+        ref = _sgm("ref", "de", de[470:520])
+        if fault.get("unclosed_seg"):
+            ref = ref.replace(b"</seg>\n", b"\n", 1)
+        if fault.get("extra_ref_seg"):
+            ref = ref.replace(b"</doc>", b'<seg id="11">one more</seg>\n</doc>', 1)
+        _tgz(path, [("test-full/newstest2014-deen-src.en.sgm", _sgm("src", "en", en[470:520])),
+                    ("test-full/newstest2014-deen-ref.de.sgm", ref),
+                    ("test-full/newstest2014-deen-src.de.sgm", _sgm("src", "de", de[470:520])),
+                    ("test-full/newstest2014-deen-ref.en.sgm", _sgm("ref", "en", en[470:520]))])
+    else:
+        raise ValueError(name)
+    return path
+
+
+ARCHIVES = ("training-parallel-europarl-v7.tgz", "training-parallel-commoncrawl.tgz",
+            "training-parallel-nc-v9.tgz", "dev.tgz", "test-full.tgz")
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_sums(directory, overrides=None):
+    """SHA256SUMS (sha256sum format) of the archives in ``directory``; overrides: name -> value or '-'."""
+    overrides = overrides or {}
+    lines = [f"{overrides.get(n, sha256(Path(directory) / n))}  {n}" for n in ARCHIVES if (Path(directory) / n).exists()]
+    path = Path(directory) / "SHA256SUMS"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    d = tmp_path_factory.mktemp("archives")
+    for name in ARCHIVES:
+        build_archive(d, name)
+    write_sums(d)
+    return d
+
+
+def variant(tmp_path, good, replace=None, remove=(), sums=None):
+    """A copy of the good archive directory with one archive rebuilt with a fault, or removed."""
+    d = tmp_path / "archives"
+    d.mkdir()
+    for name in ARCHIVES:
+        if name in remove:
+            continue
+        if replace and name == replace[0]:
+            build_archive(d, name, **replace[1])
+        else:
+            os.symlink(good / name, d / name)
+    return d, write_sums(d, sums)
+
+
+def prepare_args(archive_dir, sums, work, dest, *extra):
+    return ["--archives", archive_dir, "--checksums", sums, "--workdir", work, "--dest", dest,
+            "--vocab-size", VOCAB, "--workers", "1", *extra]
+
+
+def assert_nothing_finished(work, dest):
+    """No output that looks finished: no step directory, no data directory, no leftover temp directory."""
+    assert not Path(dest).exists(), os.listdir(Path(dest).parent) if Path(dest).parent.exists() else None
+    for step in ("raw", "tok"):
+        assert not (Path(work) / step).exists()
+    leftovers = [str(p) for p in Path(work).rglob("*.incomplete")] if Path(work).exists() else []
+    assert not leftovers
+
+
+# ---------------------------------------------------------------------------------------------- prepare: end to end
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, archives):
+    """One full tiny prepare run, first interrupted in its last step (binarization), then resumed."""
+    tmp = tmp_path_factory.mktemp("prepare")
+    work, dest = tmp / "work", tmp / "data-bin" / "wmt14_en_de"
+    args = prepare_args(archives, archives / "SHA256SUMS", work, dest)
+    shim = tmp / "shim"
+    shim.mkdir()
+    # Stands for a binarization killed half-way: it writes part of its output, then fails.
+    (shim / "fairseq-preprocess").write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = --destdir ] && d=$2; shift; done\n'
+        'echo partial > "$d/train.en-de.en.bin"\nexit 137\n')
+    (shim / "fairseq-preprocess").chmod(0o755)
+    interrupted = script("prepare-wmt14en2de.sh", *args, path_prefix=shim)
+    after_interrupt = {p: (work / p).exists() for p in ("raw", "tok", f"unigram{VOCAB}/spm", f"unigram{VOCAB}/data")}
+    after_interrupt["dest"] = dest.exists()
+    after_interrupt["dest.incomplete"] = Path(str(dest) + ".incomplete").exists()
+    # A run killed with SIGKILL cannot clean up: its temp directory must not survive into the result.
+    stale = Path(str(dest) + ".incomplete")
+    stale.mkdir(parents=True)
+    (stale / "garbage").write_text("from a killed run")
+    resumed = ok(script("prepare-wmt14en2de.sh", *args))
+    again = ok(script("prepare-wmt14en2de.sh", *args))
+    return SimpleNamespace(work=work, dest=dest, args=args, interrupted=interrupted,
+                           after_interrupt=after_interrupt, resumed=resumed, again=again)
+
+
+def test_prepare_writes_binarized_joined_data(prepared, archives):
+    dest = prepared.dest
+    for split in ("train", "valid", "test"):
+        for lang in ("en", "de"):
+            for ext in ("bin", "idx"):
+                assert (dest / f"{split}.en-de.{lang}.{ext}").stat().st_size > 0
+    assert (dest / "dict.en.txt").read_text() == (dest / "dict.de.txt").read_text()  # --joined-dictionary
+    assert not (dest / "garbage").exists()
+    assert (dest / "spm.model").stat().st_size > 0
+    manifest = json.loads((dest / "prepare.json").read_text())
+    raw = manifest["counts_raw"]
+    assert raw["train_corpora"] == {"europarl-v7": 260, "commoncrawl": 100, "news-commentary-v9": 70}
+    assert (raw["train"], raw["valid"], raw["test"]) == (430, 40, 50)
+    assert manifest["filter"]["train"]["kept"] < 430  # the empty pair at least is gone
+    assert manifest["archives_sha256"]["test-full.tgz"] == sha256(archives / "test-full.tgz")
+    # The stray '\r' neither split nor shifted the Common Crawl lines.
+    train_en = (prepared.work / "raw" / "train.en").read_bytes().decode("utf-8").split("\n")
+    assert "stray carriage return" in train_en[263] and len(train_en) == 431
+    # The reference for sacrebleu is the sgm text, cleaned as sacrebleu does, in order.
+    de = [p[1] for p in sample_pairs()][470:520]
+    assert (dest / "test.raw.de").read_text(encoding="utf-8").split("\n")[:-1] == [" ".join(s.split()) for s in de]
+    # binarized test set: every sentence, none filtered
+    tok_test = (prepared.work / "unigram300" / "data" / "test.de").read_text(encoding="utf-8").split("\n")
+    assert len(tok_test) == 51
+
+
+def test_prepare_progress_and_rerun_skips(prepared):
+    log = prepared.resumed.stderr
+    for step in ("extract", "tokenize", "sentencepiece", "encode+filter"):
+        assert f"[{step}] already done" in log
+    assert "[binarize] done" in log
+    assert "already done" in prepared.again.stderr and "[binarize]" not in prepared.again.stderr
+
+
+def test_interrupted_step_leaves_no_finished_output(prepared):
+    failed_run = prepared.interrupted
+    assert failed_run.returncode != 0
+    assert "step 'binarize' did not finish" in failed_run.stderr
+    state = prepared.after_interrupt
+    assert not state["dest"] and not state["dest.incomplete"]
+    assert all(state[p] for p in ("raw", "tok", "unigram300/spm", "unigram300/data"))
+
+
+def test_prepare_refuses_other_options_on_finished_dirs(prepared):
+    args = list(prepared.args)
+    args[args.index("--vocab-size") + 1] = "400"
+    failed(script("prepare-wmt14en2de.sh", *args), "prepared with other options", "vocab=300", "vocab=400")
+
+
+# ---------------------------------------------------------------------------------------------- prepare: bad input
+
+def test_checksum_mismatch_fails_closed(tmp_path, archives):
+    d, sums = variant(tmp_path, archives, sums={"training-parallel-nc-v9.tgz": "0" * 64})
+    work, dest = tmp_path / "w", tmp_path / "d"
+    proc = failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)),
+                  "checksum mismatch for training-parallel-nc-v9.tgz")
+    assert not (work / "orig" / "training-parallel-nc-v9.tgz").exists()
+    assert (work / "orig" / "training-parallel-europarl-v7.tgz").exists()  # verified before: kept
+    assert "step 'fetch' did not finish" in proc.stderr
+    assert_nothing_finished(work, dest)
+
+
+def test_builtin_table_rejects_archives_that_are_not_the_release(tmp_path, archives):
+    """The fixture archives are not the real ones: the script's own table (real checksums) must refuse them."""
+    work = tmp_path / "w"
+    proc = failed(script("prepare-wmt14en2de.sh", "--archives", archives, "--workdir", work, "--dest",
+                         tmp_path / "d", "--download-only"), "checksum mismatch for training-parallel-europarl-v7.tgz")
+    assert not (work / "orig" / "training-parallel-europarl-v7.tgz").exists()
+    assert "0224c7c710c8a063dfd893b0cc0830202d61f4c75c17eb8e31836103d27d96e7" in proc.stderr
+
+
+def test_unknown_checksum_warns_and_strict_refuses(tmp_path, archives):
+    d, sums = variant(tmp_path, archives, sums={"dev.tgz": "-"})
+    proc = ok(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, tmp_path / "w", tmp_path / "d"),
+                     "--download-only"))
+    assert "no checksum known for dev.tgz" in proc.stderr and "UNVERIFIED" in proc.stderr
+    assert sha256(archives / "dev.tgz") in proc.stderr  # printed so the user can record it
+    failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, tmp_path / "w2", tmp_path / "d"),
+                  "--download-only", "--strict-checksums"), "no checksum known for dev.tgz")
+    assert not (tmp_path / "w2" / "orig" / "dev.tgz").exists()
+
+
+def test_download_resumes_from_partial_file(tmp_path, archives):
+    """WMT_MIRROR=file://... goes through the real download path (curl); a .part file is resumed."""
+    work = tmp_path / "w"
+    orig = work / "orig"
+    orig.mkdir(parents=True)
+    full = (archives / "training-parallel-europarl-v7.tgz").read_bytes()
+    (orig / "training-parallel-europarl-v7.tgz.part").write_bytes(full[: len(full) // 2])
+    proc = ok(script("prepare-wmt14en2de.sh", "--checksums", archives / "SHA256SUMS", "--workdir", work,
+                     "--dest", tmp_path / "d", "--download-only", env={"WMT_MIRROR": archives.as_uri()}))
+    assert "resuming after" in proc.stderr
+    for name in ARCHIVES:
+        assert (orig / name).read_bytes() == (archives / name).read_bytes()
+    assert not list(orig.glob("*.part"))
+
+
+def test_bad_download_is_set_aside(tmp_path, archives):
+    d, sums = variant(tmp_path, archives, sums={"dev.tgz": "1" * 64})
+    work = tmp_path / "w"
+    failed(script("prepare-wmt14en2de.sh", "--checksums", sums, "--workdir", work, "--dest", tmp_path / "d",
+                  "--download-only", env={"WMT_MIRROR": d.as_uri()}), "checksum mismatch for dev.tgz")
+    assert (work / "orig" / "dev.tgz.bad").exists()
+    assert not (work / "orig" / "dev.tgz").exists() and not (work / "orig" / "dev.tgz.part").exists()
+
+
+def test_missing_archive(tmp_path, archives):
+    d, sums = variant(tmp_path, archives, remove=("test-full.tgz",))
+    work, dest = tmp_path / "w", tmp_path / "d"
+    failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)), "archive not found", "test-full.tgz")
+    assert_nothing_finished(work, dest)
+
+
+def test_empty_archive(tmp_path, archives):
+    d, sums = variant(tmp_path, archives, remove=("dev.tgz",))
+    (d / "dev.tgz").write_bytes(b"")
+    work, dest = tmp_path / "w", tmp_path / "d"
+    failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)), "archive is empty", "dev.tgz")
+    assert_nothing_finished(work, dest)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ({"unclosed_seg": True}, "newstest2014-deen-ref.de.sgm:4: malformed segment"),
+    ({"extra_ref_seg": True}, "50 source segments"),
+])
+def test_bad_sgm(tmp_path, archives, fault, message):
+    d, sums = variant(tmp_path, archives, replace=("test-full.tgz", fault))
+    work, dest = tmp_path / "w", tmp_path / "d"
+    failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)), message)
+    assert_nothing_finished(work, dest)
+
+
+def test_misaligned_corpus(tmp_path, archives):
+    d, sums = variant(tmp_path, archives, replace=("training-parallel-europarl-v7.tgz", {"drop_de_lines": 1}))
+    work, dest = tmp_path / "w", tmp_path / "d"
+    failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)),
+           "europarl-v7: 260 en lines but 259 de lines", "misaligned")
+    assert_nothing_finished(work, dest)
+
+
+def test_truncated_archive(tmp_path, archives):
+    """A cut-off download whose checksum is unknown gets past verification; extraction must catch it."""
+    d, _ = variant(tmp_path, archives, remove=("training-parallel-commoncrawl.tgz",))
+    full = (archives / "training-parallel-commoncrawl.tgz").read_bytes()
+    (d / "training-parallel-commoncrawl.tgz").write_bytes(full[: len(full) * 2 // 3])
+    sums = write_sums(d, {"training-parallel-commoncrawl.tgz": "-"})
+    work, dest = tmp_path / "w", tmp_path / "d"
+    failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)),
+           "training-parallel-commoncrawl.tgz is truncated or corrupt", "step 'extract' did not finish")
+    assert_nothing_finished(work, dest)
+
+
+def test_prepare_rejects_bad_options(tmp_path):
+    failed(script("prepare-wmt14en2de.sh", "--vocab-size", "lots"), "--vocab-size must be")
+    failed(script("prepare-wmt14en2de.sh", "--frobnicate"), "unknown option: --frobnicate")
+    failed(script("prepare-wmt14en2de.sh", "--archives", tmp_path / "nope"), "--archives directory not found")
+
+
+def test_sgm_parser_units():
+    extract = load("extract")
+    segs = extract.parse_sgm(['<doc docid="a">', '<seg id="1"> two  spaces\there </seg>', "</doc>"], "x.sgm")
+    assert segs == [(("a", "1"), "two spaces here")]
+    for lines, msg in [
+        (['<seg id="1">outside</seg>'], "outside of a <doc>"),
+        (['<doc docid="a">', '<seg id="1">a</seg>', '<seg id="1">b</seg>'], "duplicate segment id 1"),
+        (['<doc docid="a">', "<seg>no id</seg>"], "without an id"),
+        (['<doc docid="a">', '<seg id="1">a</seg><seg id="2">b</seg>'], "malformed segment"),
+        (["<srcset>", "</srcset>"], "no <seg> lines"),
+    ]:
+        with pytest.raises(Exception, match=re.escape(msg)):
+            extract.parse_sgm(lines, "x.sgm")
+
+
+def test_length_ratio_filter_units():
+    keep = load("subword").keep_pair
+    assert keep(10, 14, 1, 250, 1.5) and not keep(10, 16, 1, 250, 1.5)
+    assert not keep(0, 0, 1, 250, 1.5) and not keep(251, 250, 1, 250, 1.5) and keep(250, 250, 1, 250, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+EXPERIMENTS = sorted(p.stem for p in CONFIGS.glob("*.flags") if not p.name.startswith("_"))
+
+
+def test_one_config_per_experiment():
+    want = {f"dense_{s}" for s in ("base", "big")} | {
+        f"{k}{e}_{s}" for k in ("moe", "moec") for e in (16, 32, 64) for s in ("base", "big")}
+    assert set(EXPERIMENTS) == want
+
+
+def test_configs_parse_with_fairseq_and_match_the_paper():
+    flagfile = load("flagfile")
+    sys.path.insert(0, str(ROOT))
+    from fairseq import options
+    import fairseq_moec  # noqa: F401  (registers the moec model, task and criterion)
+    from fairseq_moec.models.options import validate
+
+    for name in EXPERIMENTS:
+        cfg = flagfile.resolve(str(CONFIGS / f"{name}.flags"), [], gpus=8, verbose=False)
+        args = options.parse_args_and_arch(options.get_training_parser(), [cfg.data] + cfg.argv())
+        assert (args.optimizer, tuple(eval(args.adam_betas)), args.lr, args.lr_scheduler) == (
+            "adam", (0.9, 0.98), [5e-4], "inverse_sqrt"), name
+        assert (args.warmup_updates, args.max_update, args.clip_norm, args.fp16) == (250, 32000, 0.1, True), name
+        assert args.label_smoothing == 0.1 and args.share_all_embeddings, name
+        assert args.max_tokens * args.update_freq[0] * 8 == 524288, name
+        big = name.endswith("_big")
+        assert args.dropout == (0.3 if big else 0.1), name
+        assert args.save_dir == f"checkpoints/wmt14_en_de/{name}"
+        if name.startswith("dense"):
+            assert (args.arch, args.task) == ("transformer_wmt_en_de" + ("_big" if big else ""), "translation")
+            continue
+        experts = int(re.search(r"\d+", name).group())
+        assert args.arch == "moec_transformer_wmt_en_de" + ("_big" if big else "")
+        assert (args.moe_encoder_layers, args.moe_decoder_layers, args.moe_expert_sublayers) == ("3", "3", 3)
+        assert (args.moe_expert_count, args.moe_top_k, args.moe_balance_weight) == (experts, 1, 0.01)
+        if name.startswith("moec"):
+            assert args.moe_clusters == experts // 8 and (args.cluster_dropout, args.cluster_dropout_interval) == (0.5, 250)
+            assert args.moe_cluster_weight == pytest.approx(0.01 * 1.0 * experts ** 2)
+        else:
+            assert (args.moe_clusters, args.cluster_dropout, args.moe_cluster_weight) == (1, 0.0, 0.0)
+        validate(args)  # the plugin's own checks of the MoE options
+
+
+@pytest.mark.parametrize("gpus, update_freq", [(1, 128), (2, 64), (4, 32), (8, 16), (16, 8), (32, 4), (64, 2), (128, 1)])
+def test_tokens_per_update_for_each_gpu_count(gpus, update_freq):
+    cfg = load("flagfile").resolve(str(CONFIGS / "moec64_big.flags"), [], gpus=gpus, verbose=False)
+    assert cfg.value("--update-freq") == str(update_freq)
+
+
+def test_flagfile_includes_overrides_and_errors(tmp_path):
+    flagfile = load("flagfile")
+    (tmp_path / "_base.flags").write_text("@data d  # comment\n--lr 1 --fp16\n--arch a\n")
+    (tmp_path / "exp.flags").write_text("@include _base.flags\n--lr 2\n@unset --fp16\n--adam-betas '(0.9, 0.98)'\n")
+    cfg = flagfile.resolve(str(tmp_path / "exp.flags"), ["--arch", "b", "--cpu"])
+    assert cfg.data == "d" and cfg.argv() == ["--lr", "2", "--adam-betas", "(0.9, 0.98)", "--arch", "b", "--cpu"]
+    (tmp_path / "cycle.flags").write_text("@include cycle.flags\n")
+    (tmp_path / "bad.flags").write_text("lr 2\n")
+    (tmp_path / "missing.flags").write_text("@include nope.flags\n")
+    for name, msg in [("cycle", "include cycle"), ("bad", "bad.flags:1: expected '--flag"),
+                      ("missing", "included config not found")]:
+        with pytest.raises(Exception, match=re.escape(msg)):
+            flagfile.resolve(str(tmp_path / f"{name}.flags"), [])
+
+
+def test_train_sh_dry_run_and_missing_config(tmp_path):
+    proc = ok(script("train.sh", "moec64_big", "--gpus", "4", "--dry-run", "--max-update", "10"))
+    cmd = proc.stderr
+    assert "fairseq-train data-bin/wmt14_en_de" in cmd and "--update-freq 32" in cmd
+    assert "--max-update 10" in cmd and "--max-update 32000" not in cmd
+    assert f"--user-dir {ROOT}/fairseq_moec" in cmd
+    failed(script("train.sh", "configs/wmt14_en_de/nope.flags"), "config not found", "moec64_big.flags")
+    failed(script("train.sh", "moec64_big", "--data", tmp_path / "none"), "data directory not found")
+
+
+# ---------------------------------------------------------------------------------------------- train + evaluate
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """A tiny MoEC model trained for 2 updates through scripts/train.sh and a real experiment config."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    ok(script("train.sh", "moec16_base", "--data", prepared.dest, "--unset", "--fp16", "--cpu",
+              "--arch", "moec_transformer_tiny", "--moe-encoder-layers", "1", "--moe-decoder-layers", "1",
+              "--moe-expert-count", "4", "--moe-clusters", "2", "--moe-cluster-weight", "0.04",
+              "--max-update", "2", "--max-tokens", "1000", "--update-freq", "1", "--save-interval-updates", "1",
+              "--save-dir", ckpt, "--num-workers", "0", "--log-format", "none"))
+    assert (ckpt / "checkpoint_1_2.pt").exists() and "fairseq-train" in (ckpt / "train_commands.log").read_text()
+    return ckpt
+
+
+@pytest.mark.slow
+def test_evaluate_prints_both_bleus_and_writes_results(prepared, trained):
+    proc = ok(script("evaluate.sh", "--checkpoint-dir", trained, "--data", prepared.dest, "--avg", "2",
+                     "--beam", "2", "--", "--cpu", "--max-len-b", "8"))
+    assert re.search(r"BLEU \(sacrebleu, detokenized\): +\d+\.\d\d +nrefs:1\|case:mixed\|eff:no\|tok:13a", proc.stdout)
+    assert re.search(r"BLEU \(tokenized, compound split\): +\d+\.\d\d", proc.stdout)
+    out = trained / "eval-test"
+    res = json.loads((out / "results.json").read_text())
+    assert res["sentences"] == 50 and res["checkpoints_averaged"] == "2 (updates)"
+    assert "--required-batch-size-multiple 1" in res["generate_command"] and "--lenpen 0.6" in res["generate_command"]
+    assert res["sacrebleu"]["signature"].startswith("nrefs:1|case:mixed")
+    assert isinstance(res["tokenized_bleu_compound_split"]["score"], float)
+    assert len((out / "hyps.detok.txt").read_text(encoding="utf-8").split("\n")) == 51
+    assert "BLEU (tokenized, compound split)" in (out / "results.txt").read_text()
+    assert not list(out.glob("*.incomplete")) and not list(out.glob(".*.tmp"))
+
+
+def test_score_refuses_a_partial_translation(tmp_path, prepared):
+    gen = tmp_path / "generate-test.txt"
+    gen.write_text("".join(f"S-{i}\tx\nH-{i}\t-1.0\t▁Y ▁la\n" for i in range(50) if i != 7))
+    proc = run([sys.executable, WMT / "score.py", "--generate", gen, "--ref", prepared.dest / "test.raw.de",
+                "--spm", prepared.dest / "spm.model", "--out-dir", tmp_path / "out"])
+    failed(proc, "49 hypotheses for 50 reference lines", "missing ids: [7]")
+    assert not (tmp_path / "out" / "results.json").exists()
+    empty = tmp_path / "empty.de"
+    empty.write_text("")
+    failed(run([sys.executable, WMT / "score.py", "--generate", gen, "--ref", empty, "--spm",
+                prepared.dest / "spm.model", "--out-dir", tmp_path / "out"]), "reference is empty")
+
+
+def test_compound_split_tokenization():
+    score = load("score")
+    assert score.compound_split_tokens(["Das rich-text Format, 3-4 mal."], "de") == [
+        "Das rich ##AT##-##AT## text Format , 3 ##AT##-##AT## 4 mal ."]
+
+
+def test_average_checkpoints_errors(tmp_path):
+    avg = [sys.executable, WMT / "average_checkpoints.py"]
+    failed(run(avg + ["--dir", tmp_path / "none", "--output", tmp_path / "a.pt"]), "checkpoint directory not found")
+    failed(run(avg + ["--dir", tmp_path, "--output", tmp_path / "a.pt"]), "no checkpoint_<epoch>_<updates>.pt files")
+    (tmp_path / "checkpoint_1_5.pt").write_bytes(b"not a checkpoint")
+    failed(run(avg + ["--dir", tmp_path, "--output", tmp_path / "a.pt"]), "cannot load checkpoint")
+    assert not (tmp_path / "a.pt").exists()
+
+
+def test_evaluate_bad_input(tmp_path, prepared):
+    failed(script("evaluate.sh", "--data", prepared.dest), "nothing to evaluate")
+    failed(script("evaluate.sh", "--checkpoint-dir", tmp_path / "none", "--data", prepared.dest),
+           "checkpoint directory not found")
+    failed(script("evaluate.sh", "--checkpoint-dir", tmp_path, "--data", tmp_path / "nodata"), "data directory not found")
+    failed(script("evaluate.sh", "--config", "nope"), "config not found")
+
+
+# ---------------------------------------------------------------------------------------------- results table
+
+def test_reproduce_table_marks_missing_runs_not_run(tmp_path):
+    done = tmp_path / "checkpoints" / "wmt14_en_de" / "moec64_big" / "eval-test"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text(json.dumps({
+        "sacrebleu": {"score": 28.41, "signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"},
+        "tokenized_bleu_compound_split": {"score": 29.5}, "generate_command": "fairseq-generate data-bin/x ..."}))
+    ok(script("reproduce_table.sh", "--sizes", "big", cwd=tmp_path))
+    table = (tmp_path / "checkpoints" / "wmt14_en_de" / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 7
+    moec64 = [r for r in rows if "[moec64_big]" in r]
+    assert moec64 and "| 28.41 | 29.50 |" in moec64[0]
+    others = [r for r in rows if r not in moec64]
+    assert all("| not run | not run |" in r for r in others)
+    assert "bash scripts/train.sh configs/wmt14_en_de/dense_big.flags" in table
+    assert "bash scripts/evaluate.sh --config configs/wmt14_en_de/moe32_big.flags" in table
+    assert "fairseq-generate data-bin/x ..." in table
+    dry = ok(script("reproduce_table.sh", "--run", "--dry-run", "--sizes", "big", "--experts", "16", cwd=tmp_path))
+    assert dry.stdout.count("train.sh") == 3 and dry.stdout.count("evaluate.sh") == 3
