@@ -506,6 +506,38 @@ def test_evaluate_prints_both_bleus_and_writes_results(prepared, trained):
     assert not list(out.glob("*.incomplete")) and not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_average_merges_expert_parallel_shards(tmp_path, trained):
+    """Checkpoints of an expert-parallel run keep other processes' experts in NAME-expert-rank{r}.pt: the
+    average must merge them first and equal the average of the unsharded checkpoints."""
+    import torch
+    plugin = ROOT / "fairseq_moec" / "sharded_checkpoint.py"
+    if not plugin.exists():
+        pytest.skip("this plugin version has no expert-parallel checkpoints")
+    spec = importlib.util.spec_from_file_location("wmt_recipe_sharded_checkpoint", plugin)
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    avg = load("average_checkpoints")
+    avg.allow_fairseq_checkpoint_globals()
+    full_paths, sharded_paths = [], []
+    for name in ("checkpoint_1_1.pt", "checkpoint_1_2.pt"):
+        full = torch.load(trained / name, map_location="cpu")
+        keys = [k for k, v in full["model"].items() if ".experts." in k and v.shape[0] == 4]
+        assert keys
+        main, shard = sc.split(full, {"expert_keys": keys, "optimizer_param_names": []}, 2, token=name)
+        torch.save(main, tmp_path / name)
+        torch.save(shard, sc.shard_path(str(tmp_path / name), 1))
+        full_paths.append(trained / name)
+        sharded_paths.append(tmp_path / name)
+    merged, reference = avg.average(sharded_paths), avg.average(full_paths)
+    assert merged["model"].keys() == reference["model"].keys()
+    for k, v in reference["model"].items():
+        assert torch.equal(merged["model"][k], v), k
+    os.remove(sc.shard_path(str(tmp_path / "checkpoint_1_2.pt"), 1))
+    with pytest.raises(Exception, match="experts of process 1"):
+        avg.average(sharded_paths)
+
+
 def test_score_refuses_a_partial_translation(tmp_path, prepared):
     gen = tmp_path / "generate-test.txt"
     gen.write_text("".join(f"S-{i}\tx\nH-{i}\t-1.0\t▁Y ▁la\n" for i in range(50) if i != 7))

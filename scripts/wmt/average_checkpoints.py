@@ -4,7 +4,8 @@
     average_checkpoints.py --inputs A.pt B.pt ... --output OUT.pt
 
 --by updates picks checkpoint_<epoch>_<updates>.pt (written with --save-interval-updates), --by epochs picks
-checkpoint<epoch>.pt. Floating-point tensors are averaged in fp32 (or fp64) and cast back; other tensors (e.g.
+checkpoint<epoch>.pt. A checkpoint of an expert-parallel run (experts sharded over W processes in
+NAME-expert-rank{r}.pt files) is first merged into one with all experts. Floating-point tensors are averaged in fp32 (or fp64) and cast back; other tensors (e.g.
 the cluster-dropout mask and its period, which are state, not weights) are taken from the newest checkpoint.
 The output is the newest checkpoint with the averaged model and without the optimizer state (generation does
 not need it; it is the bulk of the file). Checkpoints are read with torch's weights_only loader, which the
@@ -21,20 +22,63 @@ from wmt_common import atomic_path, die, log, main_guard
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _plugin_module(name: str):
+    """fairseq_moec/NAME.py loaded by path, or None. The modules used here need only torch and numpy: importing
+    the package would import all of fairseq (seconds) just to average tensors."""
+    import importlib.util
+    path = os.path.join(REPO, "fairseq_moec", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location(f"_fairseq_moec_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def allow_fairseq_checkpoint_globals() -> None:
-    """The plugin's allowlist for torch's weights_only loader. Its module needs only torch and numpy, so it is
-    loaded by path: importing the package would import all of fairseq (seconds) just to average tensors."""
-    path = os.path.join(REPO, "fairseq_moec", "checkpoint_safety.py")
+    """The plugin's allowlist for torch's weights_only loader."""
     try:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("_fairseq_moec_checkpoint_safety", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.allow_fairseq_checkpoint_globals()
+        _plugin_module("checkpoint_safety").allow_fairseq_checkpoint_globals()
     except (OSError, ImportError, AttributeError):  # moved or changed: fall back to the package
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
         import fairseq_moec  # noqa: F401  (registers the allowlist on import)
+
+
+EXPERT_PARALLEL_META = "moe_expert_parallel"  # extra_state key of an expert-parallel (sharded) checkpoint
+
+
+def consolidate(path: str, state: dict) -> dict:
+    """A checkpoint written by W expert-parallel processes holds only process 0's experts; the others are in
+    NAME-expert-rank{r}.pt. Merge them (with the plugin's sharded_checkpoint module) so that the average has
+    every expert. The optimizer state is dropped first: it is not needed and would double the memory."""
+    meta = (state.get("extra_state") or {}).get(EXPERT_PARALLEL_META)
+    if not meta:
+        return state
+    world, token = int(meta.get("world_size", 1)), meta.get("token")
+    sc = None
+    try:
+        sc = _plugin_module("sharded_checkpoint")
+    except (OSError, ImportError):
+        pass
+    if sc is None or not all(hasattr(sc, f) for f in ("merge", "shard_path", "load")):
+        die(f"{path} is one shard of an expert-parallel checkpoint ({world} processes) and this plugin version "
+            f"cannot merge it: consolidate it into one file first")
+    shards = []
+    for r in range(1, world):
+        shard_file = sc.shard_path(path, r)
+        if not os.path.isfile(shard_file):
+            die(f"{path} was written by {world} expert-parallel processes, but the experts of process {r} "
+                f"({shard_file}) are missing: copy all of its *-expert-rank*.pt files along with it")
+        shard = sc.load(shard_file)
+        if shard.get(EXPERT_PARALLEL_META, {}).get("token") != token:
+            die(f"{shard_file} does not belong to {path} (written by another save): cannot average a "
+                f"checkpoint whose expert shards are inconsistent")
+        shard.pop("optimizer", None)
+        shards.append(shard)
+    state.pop("last_optimizer_state", None)
+    log(f"[average] {os.path.basename(path)}: merged the experts of {world} processes")
+    return sc.merge(state, shards)
 
 
 def find_checkpoints(directory: str, last: int, by: str) -> List[str]:
@@ -70,8 +114,9 @@ def load_state(path: str):
 def average(paths: List[str]):
     import torch
     sums, newest = None, None
+    paths = [str(p) for p in paths]
     for i, path in enumerate(paths):
-        state = load_state(path)
+        state = consolidate(path, load_state(path))
         model = state.get("model")
         if not isinstance(model, dict) or not model:
             die(f"{path} has no model parameters: not a fairseq checkpoint")
