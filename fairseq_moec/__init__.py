@@ -2,12 +2,18 @@
 
 Importing registers the ``moec_transformer`` model and its architectures, the
 ``moec_label_smoothed_cross_entropy`` criterion and the ``translation_moec`` task, lets fairseq checkpoints
-load under torch's weights_only unpickler, and restores upstream fairseq's batching (see batching_fix).
+load under torch's weights_only unpickler, restores upstream fairseq's batching (see batching_fix), lets
+torchrun drive fairseq-train on CPU (torchrun_fix) and teaches fairseq's Trainer expert parallelism
+(expert_parallel: gradients, gradient norm, per-process checkpoints, atomic checkpoint copies).
 """
 from .batching_fix import keep_last_batches
 from .checkpoint_safety import allow_fairseq_checkpoint_globals
+from .expert_parallel import install_trainer_hooks
+from .torchrun_fix import fix_torchrun_on_cpu
 
 allow_fairseq_checkpoint_globals()
 keep_last_batches()
+fix_torchrun_on_cpu()
+install_trainer_hooks()
 
 from . import criterions, models, tasks  # noqa: E402,F401  (registration)

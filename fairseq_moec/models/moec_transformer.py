@@ -1,4 +1,6 @@
 """moec_transformer: fairseq's Transformer with MoEC layers in place of chosen FFN blocks."""
+from contextvars import ContextVar
+
 import torch.nn as nn
 
 from fairseq.models import register_model, register_model_architecture
@@ -7,10 +9,15 @@ from fairseq.models.transformer.transformer_legacy import (
     base_architecture, transformer_iwslt_de_en, transformer_wmt_en_de, transformer_wmt_en_de_big)
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
+from ..expert_parallel import expert_parallel_for, local_view, prepare_for_expert_parallel
 from ..modules import MoEConfig, MoELayer
 from .options import MoEPlacement, add_dataclass_args, fill_defaults, moe_layer_indices, validate
 
 DECODER_LAYER_ID_OFFSET = 1000  # cluster-dropout masks are seeded per layer: encoder i -> i, decoder i -> 1000 + i
+
+# The expert-parallel placement of the model being built: fairseq's builders take no extra arguments, and a
+# process group must not go into ``args`` (they are saved in checkpoints).
+_BUILDING_EXPERT_PARALLEL: ContextVar = ContextVar("expert_parallel", default=None)
 
 
 class MoEFFNSlot(nn.Module):
@@ -42,7 +49,8 @@ def _turn_into_moe(layer, moe: MoELayer) -> None:
 def _build_moe(args, cfg: TransformerConfig, side: str, layer_id: int) -> MoELayer:
     sub = cfg.encoder if side == "encoder" else cfg.decoder
     return MoELayer(MoEConfig.from_namespace(args), sub.embed_dim, sub.ffn_embed_dim, cfg.activation_fn,
-                    float(cfg.activation_dropout or cfg.relu_dropout or 0.0), layer_id)
+                    float(cfg.activation_dropout or cfg.relu_dropout or 0.0), layer_id,
+                    expert_parallel=_BUILDING_EXPERT_PARALLEL.get())
 
 
 class MoECEncoderLayer(TransformerEncoderLayerBase):
@@ -104,7 +112,20 @@ class MoECTransformerModel(TransformerModel):
     def build_model(cls, args, task):
         moec_base_architecture(args)
         validate(args)
-        return super().build_model(args, task)
+        ep = expert_parallel_for(args)  # None on one process (fairseq-generate, tests) or --moe-expert-parallel off
+        building = _BUILDING_EXPERT_PARALLEL.set(ep)
+        try:
+            model = super().build_model(args, task)
+        finally:
+            _BUILDING_EXPERT_PARALLEL.reset(building)
+        if ep is not None:
+            prepare_for_expert_parallel(model, ep)
+        return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        # a checkpoint with all experts loads into an expert-parallel model (each process takes its own), and
+        # one shard of an expert-parallel checkpoint is refused with a clear message
+        return super().load_state_dict(local_view(self, state_dict), strict, model_cfg, args)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

@@ -11,6 +11,8 @@ REROUTES = ("cluster", "global")
 CLUSTER_LOSSES = ("intra", "ratio")
 LOSS_NORMS = ("mean", "sum")
 ACTIVATIONS = ("relu", "gelu")
+EXPERT_PARALLEL = ("auto", "off")
+PLACEMENTS = ("contiguous", "cluster")
 
 
 def _opt(default, help, choices=None):
@@ -39,6 +41,8 @@ class MoEConfig:
     moe_cluster_loss: str = _opt("intra", "cluster variance loss: 'intra' (mean within-cluster variance of routing mass) or 'ratio' (intra / inter)", CLUSTER_LOSSES)
     moe_cluster_loss_norm: str = _opt("mean", "routing mass per expert: 'mean' of router probabilities over tokens, or 'sum' (official code; grows with T^2)", LOSS_NORMS)
     moe_seed: int = _opt(1, "seed of the cluster-dropout masks (combined with the layer id and the resample period)")
+    moe_expert_parallel: str = _opt("auto", "with W > 1 training processes: 'auto' gives each process E/W of the experts (--moe-expert-count must be a multiple of W; tokens travel to their expert's process and back, checkpoints are written per process); 'off' keeps every expert on every process (plain data parallelism)", EXPERT_PARALLEL)
+    moe_expert_placement: str = _opt("contiguous", "expert parallelism: process r holds experts r*E/W .. (r+1)*E/W-1. 'contiguous': any --moe-clusters (a cluster lies whole on one process when G % W == 0, otherwise clusters straddle processes); 'cluster': the same blocks, but refuse to start unless every cluster lies whole on one process (G % W == 0)", PLACEMENTS)
 
     @property
     def cluster_size(self) -> int:
@@ -66,7 +70,8 @@ class MoEConfig:
         if self.moe_expert_ffn_dim < 0:
             bad("moe_expert_ffn_dim", f"must be >= 0, got {self.moe_expert_ffn_dim}")
         for name, allowed in (("moe_router", ROUTERS), ("cluster_dropout_reroute", REROUTES),
-                              ("moe_cluster_loss", CLUSTER_LOSSES), ("moe_cluster_loss_norm", LOSS_NORMS)):
+                              ("moe_cluster_loss", CLUSTER_LOSSES), ("moe_cluster_loss_norm", LOSS_NORMS),
+                              ("moe_expert_parallel", EXPERT_PARALLEL), ("moe_expert_placement", PLACEMENTS)):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.moe_router_dim < 1:
@@ -89,6 +94,21 @@ class MoEConfig:
                 bad("cluster_dropout", f"leaves fewer than --moe-top-k={self.moe_top_k} experts")
         if self.cluster_dropout_interval < 1:
             bad("cluster_dropout_interval", f"must be >= 1, got {self.cluster_dropout_interval}")
+        return self
+
+    def validate_expert_parallel(self, world_size: int) -> "MoEConfig":
+        """Raise ValueError, naming the flags, when the experts cannot be split over ``world_size`` processes."""
+        E, G, W = self.moe_expert_count, self.moe_clusters, world_size
+        if E % W:
+            raise ValueError(
+                f"--moe-expert-count: {E} experts cannot be split evenly over {W} processes (expert parallelism "
+                f"gives each process E/W experts): use a multiple of {W}, or --moe-expert-parallel off to keep "
+                f"every expert on every process")
+        if self.moe_expert_placement == "cluster" and G % W:
+            raise ValueError(
+                f"--moe-expert-placement cluster: the {G} clusters of {E // G} experts (--moe-clusters {G}) cannot "
+                f"lie whole on {W} processes holding {E // W} experts each; it needs --moe-clusters to be a "
+                f"multiple of {W}, or use --moe-expert-placement contiguous")
         return self
 
     @classmethod

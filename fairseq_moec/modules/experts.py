@@ -28,15 +28,24 @@ class Groups(NamedTuple):
 
 
 class GroupedLinear(nn.Module):
-    """E linear maps stored as one [E, out, in] weight (nn.Linear layout per expert)."""
+    """E linear maps stored as one [E, out, in] weight (nn.Linear layout per expert).
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int):
+    ``local_experts`` (expert parallelism): hold only these of the ``num_experts`` experts. The initial weights
+    are drawn for all experts in turn, keeping the local ones, so that every expert starts from the same
+    weights whatever the number of processes (and the random stream after the layer is the same too).
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, local_experts: Optional[range] = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
-        for w in self.weight:  # the initialisation nn.Linear uses, per expert
-            nn.init.kaiming_uniform_(w, a=5 ** 0.5)
-        nn.init.uniform_(self.bias, -in_features ** -0.5, in_features ** -0.5)
+        local = range(num_experts) if local_experts is None else local_experts
+        self.weight = nn.Parameter(torch.empty(len(local), out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(len(local), out_features))
+        with torch.no_grad():
+            for e in range(num_experts):  # the initialisation nn.Linear uses, per expert
+                w = self.weight[e - local.start] if e in local else torch.empty(out_features, in_features)
+                nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+            bias = torch.empty(num_experts, out_features).uniform_(-in_features ** -0.5, in_features ** -0.5)
+            self.bias.copy_(bias[local.start:local.stop])
 
     def forward(self, x: torch.Tensor, groups: "Groups") -> torch.Tensor:
         """x: [N, in] rows grouped by expert (``groups`` says how many rows each expert has)."""
@@ -53,14 +62,16 @@ class GroupedLinear(nn.Module):
 
 
 class ExpertFFNs(nn.Module):
-    """E experts, each a stack of ``sublayers`` FFNs (fc1 -> activation -> dropout -> fc2) applied in turn."""
+    """E experts, each a stack of ``sublayers`` FFNs (fc1 -> activation -> dropout -> fc2) applied in turn.
+    With ``local_experts`` only those experts are held, and ``forward`` takes rows for them alone."""
 
     def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, sublayers: int = 1,
-                 activation: str = "relu", activation_dropout: float = 0.0):
+                 activation: str = "relu", activation_dropout: float = 0.0, local_experts: Optional[range] = None):
         super().__init__()
-        self.num_experts = num_experts
-        self.fc1 = nn.ModuleList(GroupedLinear(num_experts, embed_dim, ffn_dim) for _ in range(sublayers))
-        self.fc2 = nn.ModuleList(GroupedLinear(num_experts, ffn_dim, embed_dim) for _ in range(sublayers))
+        self.local_experts = range(num_experts) if local_experts is None else local_experts
+        self.num_experts = len(self.local_experts)  # experts held here (all of them without expert parallelism)
+        self.fc1 = nn.ModuleList(GroupedLinear(num_experts, embed_dim, ffn_dim, local_experts) for _ in range(sublayers))
+        self.fc2 = nn.ModuleList(GroupedLinear(num_experts, ffn_dim, embed_dim, local_experts) for _ in range(sublayers))
         self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
         self.activation_dropout = nn.Dropout(activation_dropout)
 

@@ -9,6 +9,7 @@ from . import losses
 from .config import MoEConfig
 from .dropout import ClusterDropout
 from .experts import ExpertFFNs
+from .expert_parallel import ExpertParallel, run_experts_remotely
 from .router import CosineRouter, LinearRouter, route
 
 
@@ -51,19 +52,26 @@ class MoELayer(nn.Module):
     ``last_stats`` the detached routing statistics of that batch, for the criterion to weight and log.
     With ``keep_routing = True`` (analysis tools), ``last_routing`` also holds the detached routing:
     (positions [T] of the routed tokens in the flattened input, experts [T, k], probs [T, E]).
+
+    ``expert_parallel`` (default None: all experts here): this process holds only its E/W experts and
+    exchanges tokens with the other processes of the group; every process must call forward equally often.
     """
     keep_routing = False
 
     def __init__(self, cfg: MoEConfig, embed_dim: int, ffn_dim: int, activation: str = "relu",
-                 activation_dropout: float = 0.0, layer_id: int = 0):
+                 activation_dropout: float = 0.0, layer_id: int = 0, expert_parallel: Optional[ExpertParallel] = None):
         super().__init__()
         cfg.validate()
+        if expert_parallel is not None:
+            cfg.validate_expert_parallel(expert_parallel.world_size)
         self.cfg = cfg
+        self.expert_parallel = expert_parallel
         E = cfg.moe_expert_count
         self.router = (LinearRouter(embed_dim, E) if cfg.moe_router == "linear" else
                        CosineRouter(embed_dim, E, cfg.moe_router_dim, cfg.moe_router_temperature))
         self.experts = ExpertFFNs(E, embed_dim, cfg.moe_expert_ffn_dim or ffn_dim, cfg.moe_expert_sublayers,
-                                  activation, activation_dropout)
+                                  activation, activation_dropout,
+                                  None if expert_parallel is None else expert_parallel.local_experts(E))
         self.cluster_dropout = ClusterDropout(E, cfg.moe_clusters, cfg.cluster_dropout,
                                               cfg.cluster_dropout_interval, cfg.moe_seed, layer_id)
         self.last_losses: Dict[str, torch.Tensor] = {}
@@ -97,10 +105,13 @@ class MoELayer(nn.Module):
         survivors = self.cluster_dropout.mask()
         r = route(self.router(router_in), cfg.moe_top_k, cfg.cluster_size, survivors, cfg.cluster_dropout_reroute)
         factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor
-        out, kept = dispatch_combine(x, r.experts, r.gates, E, self.experts,
-                                     capacity(T, E, cfg.moe_top_k, factor))
+        expert_fn = self.experts if self.expert_parallel is None else self._run_experts_remotely
+        out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor))
         self._record(r, kept, survivors)
         return out, r
+
+    def _run_experts_remotely(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return run_experts_remotely(rows, counts, self.experts, self.expert_parallel)
 
     def _record(self, r, kept, survivors) -> None:
         cfg = self.cfg
