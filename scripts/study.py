@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Limited-data study on the bundled Spanish-English Bible corpus: dense vs MoE vs MoEC, equal updates.
 
-    python scripts/study.py [--out work/study] [--seeds 1] [--updates 600] [--train-pairs 6000] ...
+    python scripts/study.py --threads 1 [--out work/study] [--seeds 2] [--updates 500] [--train-pairs 1000] ...
     python scripts/study.py --table-only          # rewrite results.md and the plot from what is on disk
-    python scripts/study.py --pilot-updates 30    # a short speed pilot (separate run dirs, not in the table)
+    python scripts/study.py --pilot-updates 30 --out work/study_pilot   # speed pilot (not in the table)
+
+The same command again continues where it stopped (see docs/study.md for the settings and why).
 
 Every stage is resumable: a stage writes its outputs under temporary names and its completion stamp last.
   data     corpus (train subset sampled with a fixed seed), joint sentencepiece unigram model trained on the
@@ -31,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "fairseq_moec"
 STAMP = "DONE"
+THREADS = 0  # --threads: torch intra-op threads of the fairseq commands (0 = inherit the environment)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,7 +59,11 @@ def model_args(args, kind, experts, clusters):
         "--dropout", str(args.dropout), "--label-smoothing", "0.1",
     ]
     if kind == "dense":
-        return ["--task", "translation", "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy"] + common
+        # fairseq's own transformer/task/criterion; --user-dir only for what the plugin fixes globally: checkpoints
+        # that load under torch >= 2.6 (resume, generate) and fairseq's upstream batching (the fork drops the last
+        # valid/test batch), so that dense and MoE runs see the same batches
+        return ["--user-dir", str(PLUGIN), "--task", "translation", "--arch", "transformer",
+                "--criterion", "label_smoothed_cross_entropy"] + common
     moe = ["--user-dir", str(PLUGIN), "--task", "translation_moec", "--arch", "moec_transformer",
            "--criterion", "moec_label_smoothed_cross_entropy", "--moe-expert-count", str(experts),
            "--moe-encoder-layers", args.moe_layers, "--moe-decoder-layers", args.moe_layers,
@@ -108,6 +115,8 @@ def cli(name):
 def sh(cmd, stdout=None):
     log("$ " + " ".join(str(c) for c in cmd))
     env = dict(os.environ)
+    if THREADS:
+        env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     subprocess.run([str(c) for c in cmd], check=True, stdout=stdout, env=env)
 
 
@@ -283,6 +292,21 @@ def summarize_log(path):
 # ---------------------------------------------------------------------------------------------------------
 # one run
 # ---------------------------------------------------------------------------------------------------------
+def code_state():
+    """git HEAD, whether fairseq_moec/ differs from it, and a hash of the plugin's sources as imported now (the
+    study imports the plugin from the working tree at every fairseq command)."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+    h = hashlib.sha1()
+    for p in sorted(PLUGIN.rglob("*.py")):
+        h.update(p.relative_to(ROOT).as_posix().encode() + p.read_bytes())
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git_head": git("rev-parse", "HEAD"),
+            "plugin_dirty": bool(git("status", "--porcelain", "--", "fairseq_moec")), "plugin_sha1": h.hexdigest()[:12]}
+
+
 def run_dir(args, name, seed, pilot=False):
     return Path(args.out) / ("pilot" if pilot else "runs") / f"{name}-s{seed}"
 
@@ -315,6 +339,8 @@ def do_run(args, spec, seed, data_bin, spm_model, raw, pilot=False):
     log(f"{rdir.name}: training to {updates} updates" + (" (resuming from checkpoint_last.pt)" if last.exists() else ""))
     done_updates = summarize_log(rdir / "train.log")["last_update"]
     if done_updates < updates or not last.exists():
+        with open(rdir / "code_state.jsonl", "a") as f:
+            f.write(json.dumps(code_state()) + "\n")
         sh(cfg["train_cmd"])
     t_train = time.time() - t0
     if pilot:
@@ -327,6 +353,7 @@ def do_run(args, spec, seed, data_bin, spm_model, raw, pilot=False):
         p.unlink()  # interval copies: best and last are kept
     summary = summarize_log(rdir / "train.log")
     stamp = {"name": name, "seed": seed, "updates": updates, "results": results, "summary": summary,
+             "code_state_at_end": code_state(),
              "train_wall_s_this_session": round(t_train, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     write_atomic(rdir / STAMP, json.dumps(stamp, indent=1) + "\n")
     log(f"{rdir.name}: done: " + ", ".join(f"{w}: BLEU {r['bleu']} chrF {r['chrf']}" for w, r in results.items()))
@@ -351,7 +378,7 @@ def evaluate(args, rdir, which, kind, data_bin, spm_model, raw):
            "--path", ckpt, "--beam", str(args.beam), "--batch-size", str(args.gen_batch),
            "--required-batch-size-multiple", "1", "--cpu", "--num-workers", "0",
            "--max-len-a", str(args.max_len_a), "--max-len-b", str(args.max_len_b)]
-    cmd += ["--task", "translation"] if kind == "dense" else ["--user-dir", PLUGIN, "--task", "translation_moec"]
+    cmd += ["--user-dir", PLUGIN, "--task", "translation" if kind == "dense" else "translation_moec"]
     with open(str(gen) + ".tmp", "w", encoding="utf-8") as f:
         sh(cmd, stdout=f)
     os.replace(str(gen) + ".tmp", gen)
@@ -481,12 +508,12 @@ def parse_args(argv=None):
     p.add_argument("--subset-seed", type=int, default=1)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (1, 2, ...)")
-    p.add_argument("--updates", type=int, default=250)
+    p.add_argument("--updates", type=int, default=500)
     p.add_argument("--experts", default="16,32")
     p.add_argument("--only", default="", help="comma-separated run names (dense,moe16,moec16,...)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--ffn", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--moe-layers", default="1", help="0-based MoE layer(s) on each side")
@@ -507,6 +534,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--eval-checkpoints", default="best,last")
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "study_valid_loss.png"))
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the fairseq commands (0 = inherit); "
+                   "1 wastes less CPU on a machine shared with other jobs")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--pilot-updates", type=int, default=0, help="speed pilot: train each run this many updates under OUT/pilot")
     a = p.parse_args(argv)
@@ -518,7 +547,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global THREADS
     args = parse_args(argv)
+    THREADS = args.threads
     if args.table_only:
         report(args)
         return 0
