@@ -428,6 +428,8 @@ def test_configs_parse_with_fairseq_and_match_the_paper():
         big = name.endswith("_big")
         assert args.dropout == (0.3 if big else 0.1), name
         assert args.save_dir == f"checkpoints/wmt14_en_de/{name}"
+        # 64 big experts do not fit an 80 GB GPU with fp32 master weights (measured): those two only
+        assert args.memory_efficient_fp16 == (name in ("moe64_big", "moec64_big")), name
         if name.startswith("dense"):
             assert (args.arch, args.task) == ("transformer_wmt_en_de" + ("_big" if big else ""), "translation")
             continue
@@ -562,8 +564,8 @@ def test_average_checkpoints_errors(tmp_path):
     failed(run(avg + ["--dir", tmp_path / "none", "--output", tmp_path / "a.pt"]), "checkpoint directory not found")
     failed(run(avg + ["--dir", tmp_path, "--output", tmp_path / "a.pt"]), "no checkpoint_<epoch>_<updates>.pt files")
     (tmp_path / "checkpoint_1_5.pt").write_bytes(b"not a checkpoint")
-    failed(run(avg + ["--dir", tmp_path, "--output", tmp_path / "a.pt"]), "cannot load checkpoint")
-    assert not (tmp_path / "a.pt").exists()
+    with pytest.raises(Exception, match="cannot load checkpoint"):  # in-process: no second torch start-up
+        load("average_checkpoints").average([tmp_path / "checkpoint_1_5.pt"])
 
 
 def test_evaluate_bad_input(tmp_path, prepared):
