@@ -21,7 +21,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 PY=${PYTHON:-python}
 die() { echo "error: $*" >&2; exit 2; }
-usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 CONFIG="" CKPT_DIR="" CKPT="" DATA="" AVG=5 AVG_BY=updates BEAM=5 LENPEN=0.6 BATCH=128 MAX_TOKENS=""
 SUBSET=test REF="" SPM="" OUT="" SRC=en TGT=de EXTRA=()

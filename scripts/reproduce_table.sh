@@ -24,7 +24,7 @@ while [[ $# -gt 0 ]]; do
       [[ $# -ge 2 ]] || die "$1 needs a value"
       case $1 in --sizes) SIZES=$2 ;; --experts) EXPERTS=$2 ;; --gpus) GPUS=$2 ;; --out) OUT=$2 ;; esac
       shift 2 ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; TRAIN_EXTRA=("$@"); break ;;
     *) die "unknown option: $1 (see -h)" ;;
   esac
