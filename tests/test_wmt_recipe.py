@@ -116,9 +116,10 @@ def build_archive(directory, name, **fault):
         _tgz(path, [("commoncrawl.de-en.annotation", _text(["news"] * 100)),
                     ("commoncrawl.de-en.de", _text(cc_de)), ("commoncrawl.de-en.en", _text(cc_en)),
                     ("commoncrawl.fr-en.fr", _text(de[:3]))])
-    elif name == "training-parallel-nc-v9.tgz":
-        _tgz(path, [("training/news-commentary-v9.de-en.de", _text(de[360:430])),
-                    ("training/news-commentary-v9.de-en.en", _text(en[360:430]))])
+    elif name in ("training-parallel-nc-v9.tgz", "training-parallel-nc-v12.tgz"):
+        v = "v9" if "v9" in name else "v12"
+        _tgz(path, [(f"training/news-commentary-{v}.de-en.de", _text(de[360:430])),
+                    (f"training/news-commentary-{v}.de-en.en", _text(en[360:430]))])
     elif name == "dev.tgz":
         _tgz(path, [("dev/newstest2013.de", _text(de[430:470])), ("dev/newstest2013.en", _text(en[430:470])),
                     ("dev/newstest2013-src.en.sgm", _sgm("src", "en", en[430:470]))])
@@ -370,6 +371,31 @@ def test_truncated_archive(tmp_path, archives):
     failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)),
            "training-parallel-commoncrawl.tgz is truncated or corrupt", "step 'extract' did not finish")
     assert_nothing_finished(work, dest)
+
+
+def test_wmt17_variant_and_valid_from_train(tmp_path, archives):
+    """--wmt17 reads News Commentary v12; --valid-from-train N holds out every N-th pair and needs no dev.tgz."""
+    d, _ = variant(tmp_path, archives, remove=("dev.tgz", "training-parallel-nc-v9.tgz"))
+    build_archive(d, "training-parallel-nc-v12.tgz")
+    sums = d / "SHA256SUMS"
+    sums.write_text("".join(f"{sha256(p)}  {p.name}\n" for p in sorted(d.glob("*.tgz"))))
+    work = tmp_path / "w"
+    ok(script("prepare-wmt14en2de.sh", "--wmt17", "--valid-from-train", "10", "--archives", d, "--checksums", sums,
+              "--workdir", work, "--dest", tmp_path / "d", "--download-only"))
+    assert sorted(p.name for p in (work / "orig").glob("*.tgz")) == sorted(
+        ["training-parallel-europarl-v7.tgz", "training-parallel-commoncrawl.tgz", "training-parallel-nc-v12.tgz",
+         "test-full.tgz"])
+    out = tmp_path / "raw"
+    out.mkdir()
+    ok(run([sys.executable, WMT / "extract.py", "--orig", work / "orig", "--out", out, "--nc-version", "12",
+            "--holdout-every", "10"]))
+    counts = json.loads((out / "counts.json").read_text())
+    assert counts["train_corpora"]["news-commentary-v12"] == 70
+    assert (counts["train"], counts["valid"], counts["test"]) == (387, 43, 50)
+    valid = (out / "valid.en").read_bytes().decode().split("\n")
+    train = (out / "train.en").read_bytes().decode().split("\n")
+    pairs = sample_pairs()
+    assert valid[0] == pairs[9][0] and pairs[9][0] not in train  # the 10th pair went to valid, not train
 
 
 def test_prepare_rejects_bad_options(tmp_path):
