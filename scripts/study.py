@@ -122,7 +122,7 @@ def sh(cmd, stdout=None):
 
 def write_atomic(path, text):
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -323,6 +323,24 @@ def do_run(args, spec, seed, data_bin, spm_model, raw, pilot=False):
         log(f"{rdir.name}: done ({rdir / STAMP}), skipping")
         return
     rdir.mkdir(parents=True, exist_ok=True)
+    lock = rdir / "LOCK"
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            os.kill(pid, 0)
+            log(f"{rdir.name}: another study process (pid {pid}) is on it, skipping")
+            return
+        except (ValueError, ProcessLookupError, PermissionError):
+            pass  # stale lock of a process that died: take the run over
+    lock.write_text(f"{os.getpid()}\n")
+    try:
+        _do_run(args, rdir, spec, seed, updates, data_bin, spm_model, raw, pilot)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _do_run(args, rdir, spec, seed, updates, data_bin, spm_model, raw, pilot):
+    name, kind, experts, clusters = spec
     margs = model_args(args, kind, experts, clusters)
     targs = train_args(args, data_bin, rdir / "checkpoints", rdir / "train.log", seed, updates)
     cfg = {"name": name, "kind": kind, "experts": experts, "clusters": clusters, "seed": seed, "updates": updates,
@@ -483,7 +501,9 @@ def report(args):
             if spec[1] == "moec":
                 label += f" G={spec[3]}"
             rows.append((label, rdir))
-            curves.append((label, summarize_log(rdir / "train.log")["curve"]))
+            status = run_status(rdir, args.updates)[0]
+            curves.append((label if status == "done" else f"{label} ({status})",
+                           summarize_log(rdir / "train.log")["curve"]))
     table = write_table(rows, args.eval_checkpoints, args.updates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -508,6 +528,7 @@ def parse_args(argv=None):
     p.add_argument("--subset-seed", type=int, default=1)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (1, 2, ...)")
+    p.add_argument("--first-seed", type=int, default=1, help="seeds are first-seed .. first-seed+seeds-1")
     p.add_argument("--updates", type=int, default=500)
     p.add_argument("--experts", default="16,32")
     p.add_argument("--only", default="", help="comma-separated run names (dense,moe16,moec16,...)")
@@ -541,7 +562,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.experts = [int(e) for e in a.experts.split(",") if e]
     a.only = [o for o in a.only.split(",") if o]
-    a.seeds = list(range(1, a.seeds + 1))
+    a.seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     a.eval_checkpoints = [w for w in a.eval_checkpoints.split(",") if w]
     return a
 

@@ -144,3 +144,20 @@ def test_run_plan_flags(study):
     assert float(moec[moec.index("--cluster-dropout") + 1]) > 0
     assert float(moec[moec.index("--moe-cluster-weight") + 1]) > 0
     assert study.parse_args(["--seeds", "2"]).seeds == [1, 2]
+
+
+def test_run_taken_by_a_live_process_is_skipped(study, tmp_path, monkeypatch):
+    import os
+    args = study.parse_args(["--out", str(tmp_path), "--only", "moe16", "--eval-checkpoints", ""])
+    spec = study.run_specs(args)[0]
+    rdir = study.run_dir(args, spec[0], 1)
+    rdir.mkdir(parents=True)
+    (rdir / "LOCK").write_text(f"{os.getppid()}\n")  # a live process that is not us
+    calls = []
+    monkeypatch.setattr(study, "sh", lambda cmd, **k: calls.append(cmd))
+    study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
+    assert calls == [] and (rdir / "LOCK").exists()
+    (rdir / "LOCK").write_text("999999999\n")  # a dead one: the run is taken over, the lock released after
+    study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
+    assert len(calls) == 1 and not (rdir / "LOCK").exists()
+    assert study.parse_args(["--seeds", "1", "--first-seed", "2"]).seeds == [2]
