@@ -105,6 +105,11 @@ def import_peers():
         except Exception as e:  # noqa: BLE001
             print(f"[bench] fairscale not available ({type(e).__name__}: {e}); "
                   "install with benchmarks/install_peers.sh", file=sys.stderr)
+        # torchscale's xmoe tries `from fairseq.modules.moe import MOELayer` (absent in fairseq 0.12, so it
+        # falls back to nn.Module): hide fairseq for that import instead of paying its ~5-20 s start-up
+        hide = "fairseq" not in sys.modules
+        if hide:
+            sys.modules["fairseq"] = None
         try:
             from torchscale.component.xmoe.moe_layer import MOELayer
             from torchscale.component.xmoe import routing
@@ -114,6 +119,9 @@ def import_peers():
         except Exception as e:  # noqa: BLE001
             print(f"[bench] torchscale not available ({type(e).__name__}: {e}); "
                   "install with benchmarks/install_peers.sh", file=sys.stderr)
+        finally:
+            if hide:
+                del sys.modules["fairseq"]
     return out
 
 
@@ -312,11 +320,12 @@ def time_step(case, device, iters):
 
 
 def run_rounds(cases, args, device):
+    gc.collect()
+    gc.freeze()  # what exists now is never scanned again: a collection costs ~1 s on a busy host otherwise
     for r in range(args.rounds + args.warmup):
         for c in cases:
             if c.error:
                 continue
-            gc.collect()
             try:
                 t = time_step(c, device, args.iters)
             except Exception as e:  # noqa: BLE001 - a peer that fails must not sink the run
@@ -336,7 +345,6 @@ def measure_memory_cpu(case):
     from torch.profiler import ProfilerActivity, profile, record_function
     for p in case.params:
         p.grad = None
-    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("bench_step"):
             case_fn_marked(case, record_function)
@@ -391,7 +399,6 @@ def case_fn_marked(case, record_function):
 def measure_memory_cuda(case):
     for p in case.params:
         p.grad = None
-    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -407,7 +414,6 @@ def measure_memory_cuda(case):
 def sync_check(M, args, device, dtype):
     """Count host synchronisations of our layer (forward+backward) by source line, and of torch.bincount."""
     import collections
-    import traceback
     res = {}
     T, d, f = args.tokens, args.dim, args.ffn
     E = 64 if 64 in args.experts else args.experts[-1]
@@ -428,28 +434,35 @@ def sync_check(M, args, device, dtype):
                 where[f"{Path(w.filename).name}:{w.lineno}"] += 1
         return sum(where.values()), dict(where)
 
-    for k, G, drop in ((1, 1, 0.0), (1, 8, 0.5), (2, 1, 0.0)):
-        cfg = M.MoEConfig(moe_expert_count=E, moe_clusters=G, moe_top_k=k, cluster_dropout=drop)
-        layer = M.MoELayer(cfg, d, f).to(device, dtype).train()
-        x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+    dtypes = [dtype] + ([torch.float32] if dtype != torch.float32 else [])
+    for dt in dtypes:
+        for k, G, drop in ((1, 1, 0.0), (1, 8, 0.5), (2, 1, 0.0)):
+            cfg = M.MoEConfig(moe_expert_count=E, moe_clusters=G, moe_top_k=k, cluster_dropout=drop)
+            layer = M.MoELayer(cfg, d, f).to(device, dt).train()
+            x = torch.randn(T, d, device=device, dtype=dt, requires_grad=True)
 
-        def fwd_bwd():
-            out = layer(x)
-            torch.autograd.backward([out, sum(layer.last_losses.values())], [torch.ones_like(out), None])
-        n, where = count(fwd_bwd)
-        key = f"moec-k{k}" + (f"-G{G}-drop" if drop else "") + f"-E{E}"
-        res[key] = {"syncs": n, "where": where}
-        # the same with a profiler: count cudaStreamSynchronize / DtoH copies
-        try:
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                fwd_bwd()
-                torch.cuda.synchronize()
-            names = collections.Counter(e.name for e in prof.events())
-            res[key]["profiler"] = {n_: c for n_, c in names.items()
-                                    if any(s in n_ for s in ("Synchronize", "DtoH", "Memcpy"))}
-        except Exception as e:  # noqa: BLE001
-            res[key]["profiler_error"] = f"{type(e).__name__}: {e}"[:200]
+            def fwd_bwd(layer=layer, x=x):
+                out = layer(x)
+                torch.autograd.backward([out, sum(layer.last_losses.values())], [torch.ones_like(out), None])
+            key = (f"moec-k{k}" + (f"-G{G}-drop" if drop else "") + f"-E{E}-"
+                   + ("bf16" if dt == torch.bfloat16 else "fp32"))
+            try:
+                n, where = count(fwd_bwd)
+            except Exception as e:  # noqa: BLE001
+                res[key] = {"syncs": None, "error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            res[key] = {"syncs": n, "where": where}
+            # the same with the profiler: cudaStreamSynchronize calls and device-to-host copies
+            try:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    fwd_bwd()
+                    torch.cuda.synchronize()
+                names = collections.Counter(e.name for e in prof.events())
+                res[key]["profiler"] = {n_: c for n_, c in names.items()
+                                        if any(s_ in n_ for s_ in ("Synchronize", "DtoH", "Memcpy"))}
+            except Exception as e:  # noqa: BLE001
+                res[key]["profiler_error"] = f"{type(e).__name__}: {e}"[:200]
     idx = torch.randint(0, E, (T,), device=device)
     res["torch.bincount(minlength=E)"] = {"syncs": count(lambda: torch.bincount(idx, minlength=E))[0]}
     res["zeros(E).scatter_add_"] = {"syncs": count(
@@ -549,7 +562,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--ffn", type=int, default=2048)
@@ -564,7 +577,7 @@ def main(argv=None):
     p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
                    help="matmul floors and the weight-gradient write (cheap)")
     p.add_argument("--sync-check", action="store_true", help="CUDA: count host synchronisations of our layer")
-    p.add_argument("--quick", action="store_true", help="smoke run: T=256, d=128, FFN 512, E in {4, 8}, 1 round")
+    p.add_argument("--quick", action="store_true", help="smoke run: T=256, d=128, FFN 512, E in {4, 8}, 1 round, no warm-up, 1 thread")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layer_<device>.json)")
     args = p.parse_args(argv)
 
@@ -573,6 +586,9 @@ def main(argv=None):
     if args.quick:
         args.tokens, args.dim, args.ffn, args.experts = 256, 128, 512, "4,8"
         args.rounds = args.rounds or 1
+        args.warmup = 0
+        args.threads = args.threads or 1  # a smoke run: one thread is immune to OpenMP barrier waits on a busy host
+    args.threads = args.threads or 2
     args.experts = [int(e) for e in str(args.experts).split(",") if e]
     args.cases = [c for c in args.cases.split(",") if c]
     args.rounds = args.rounds or (10 if device.type == "cuda" else 4)
@@ -610,6 +626,7 @@ def main(argv=None):
         print(f"[bench] E={E:>4} done ({time.time() - t_start:.0f}s): " +
               ", ".join(f"{n} {t:.1f}ms" for n, t in med.items()), flush=True)
         del cases
+        gc.unfreeze()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -627,7 +644,7 @@ def main(argv=None):
         result["sync_check"] = sync_check(M, args, device, dtype)
         print("\n[bench] host synchronisations per forward+backward (torch.cuda.set_sync_debug_mode('warn')):")
         for key, v in result["sync_check"].items():
-            print(f"  {key:<32} {v['syncs']:>3}  {v.get('where', '')}  {v.get('profiler', '')}")
+            print(f"  {key:<34} {v['syncs']!s:>4}  {v.get('where', '')}  {v.get('profiler', '')} {v.get('error', '')}")
     try:
         info["loadavg_at_end"] = os.getloadavg()
     except OSError:
