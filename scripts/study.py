@@ -433,7 +433,11 @@ def run_status(rdir, target_updates):
         return "done", json.loads((rdir / STAMP).read_text()), summary
     if not rdir.exists() or (summary["last_update"] == 0 and not summary["curve"]):
         return "not run", None, summary
-    return f"interrupted at update {summary['last_update']}", None, summary
+    try:
+        os.kill(int((rdir / "LOCK").read_text().strip()), 0)
+        return f"running, at update {summary['last_update']}", None, summary
+    except (OSError, ValueError):
+        return f"interrupted at update {summary['last_update']}", None, summary
 
 
 def _f(v, fmt="{:.3f}"):
@@ -476,10 +480,15 @@ def plot(curves, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, curve in curves:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors, styles = {}, ["-", "--", ":", "-."]
+    for item in curves:
+        label, curve = item[0], item[1]
+        name, seed = (item[2], item[3]) if len(item) > 2 else (label, 1)
+        color = colors.setdefault(name, f"C{len(colors)}")
         if curve:
-            ax.plot([u for u, _ in curve], [l for _, l in curve], marker=".", label=label)
+            ax.plot([u for u, _ in curve], [l for _, l in curve], marker=".", color=color,
+                    linestyle=styles[(seed - 1) % len(styles)], label=label)
     ax.set_xlabel("update")
     ax.set_ylabel("valid loss (label-smoothed CE, base 2)")
     ax.set_title("Bible es-en limited-data study: valid loss")
@@ -494,8 +503,8 @@ def plot(curves, path):
 
 def report(args):
     rows, curves = [], []
-    for seed in args.seeds:
-        for spec in run_specs(args):
+    for spec in run_specs(args):
+        for seed in args.seeds:
             rdir = run_dir(args, spec[0], seed)
             label = f"{spec[0]} (s{seed})" if len(args.seeds) > 1 else spec[0]
             if spec[1] == "moec":
@@ -503,7 +512,7 @@ def report(args):
             rows.append((label, rdir))
             status = run_status(rdir, args.updates)[0]
             curves.append((label if status == "done" else f"{label} ({status})",
-                           summarize_log(rdir / "train.log")["curve"]))
+                           summarize_log(rdir / "train.log")["curve"], spec[0], seed))
     table = write_table(rows, args.eval_checkpoints, args.updates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -511,7 +520,7 @@ def report(args):
     full = {label: {"status": run_status(r, args.updates)[0], "summary": summarize_log(r / "train.log"),
                     "stamp": json.loads((r / STAMP).read_text()) if is_done(r) else None} for label, r in rows}
     write_atomic(out / "results.json", json.dumps(full, indent=1) + "\n")
-    if args.plot and any(c for _, c in curves):
+    if args.plot and any(c[1] for c in curves):
         plot(curves, args.plot)
     log(f"report: {out / 'results.md'}" + (f", {args.plot}" if args.plot else ""))
     print(table)

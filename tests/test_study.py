@@ -161,3 +161,20 @@ def test_run_taken_by_a_live_process_is_skipped(study, tmp_path, monkeypatch):
     study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
     assert len(calls) == 1 and not (rdir / "LOCK").exists()
     assert study.parse_args(["--seeds", "1", "--first-seed", "2"]).seeds == [2]
+
+
+def test_report_writes_table_json_and_plot(study, tmp_path):
+    args = study.parse_args(["--out", str(tmp_path), "--seeds", "2", "--plot", str(tmp_path / "plot.png")])
+    done = study.run_dir(args, "moe32", 1)
+    part = study.run_dir(args, "moec32", 2)
+    for d in (done, part):
+        d.mkdir(parents=True)
+        synthetic_log(d / "train.log", upto=40)
+    (done / "DONE").write_text(json.dumps({"updates": 40, "results": {}}))
+    study.report(args)
+    table = (tmp_path / "results.md").read_text()
+    assert "| moe32 (s1) | done" in table and "| moec32 (s2) G=4 | interrupted at update 40" in table
+    assert table.count("not run") == 8
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    full = json.loads((tmp_path / "results.json").read_text())
+    assert full["moe32 (s1)"]["summary"]["best_update"] == 20 and full["moec32 (s2) G=4"]["stamp"] is None
