@@ -145,8 +145,9 @@ def split(full: dict, meta: dict, world_size: int, token: str) -> List[dict]:
     opt = full.get("last_optimizer_state")
     index = {name: i for i, name in enumerate(names)}
     files = []
+    num_updates = meta.get("num_updates", (full.get("optimizer_history") or [{}])[-1].get("num_updates"))
     for r in range(world_size):
-        rmeta = dict(meta, token=token, world_size=world_size, rank=r)
+        rmeta = dict(meta, token=token, world_size=world_size, rank=r, num_updates=num_updates)
         model = {k: block(full["model"][k], total[k], r) for k in keys}
         opt_r = None
         if opt is not None:

@@ -19,7 +19,7 @@ import fairseq_moec  # noqa: F401  (allowlists the globals of fairseq checkpoint
 from fairseq_moec import sharded_checkpoint as sc
 from fairseq_moec.modules import ExpertParallel, MoEConfig, MoELayer
 
-from conftest import FIXTURE, PLUGIN, ROOT, TINY_MOEC_ARGS, cli, run
+from conftest import BIN, FIXTURE, PLUGIN, ROOT, TINY_MOEC_ARGS, cli, run
 
 W, D, F = 2, 16, 24
 # (config, tokens per process): top-1 with cluster dropout and padding; top-2 with token dropping (capacity)
@@ -150,3 +150,193 @@ def test_two_processes_match_one_process_holding_all_experts(tmp_path):
                 else:
                     expected_r = expected
                 torch.testing.assert_close(got, expected_r, atol=1e-5, rtol=0, msg=f"{backend} {name} rank {r}")
+
+
+def test_expert_count_and_cluster_placement_must_fit_the_processes():
+    MoEConfig(moe_expert_count=8, moe_clusters=2).validate_expert_parallel(4)
+    MoEConfig(moe_expert_count=8, moe_clusters=4, moe_expert_placement="cluster").validate_expert_parallel(2)
+    with pytest.raises(ValueError, match=r"--moe-expert-count: 6 experts cannot be split evenly over 4 processes"):
+        MoEConfig(moe_expert_count=6, moe_clusters=2).validate_expert_parallel(4)
+    with pytest.raises(ValueError, match=r"--moe-expert-placement cluster: the 2 clusters of 4 experts"):
+        MoEConfig(moe_expert_count=8, moe_clusters=2, moe_expert_placement="cluster").validate_expert_parallel(4)
+
+
+def test_an_interrupted_save_leaves_a_loadable_checkpoint(tmp_path):
+    """Shards are written before the main file commits the save, and the shard they replace is kept: after a
+    kill at any point, the main file on disk finds the shard of its own save (and puts it back in place)."""
+    main, shard = str(tmp_path / "checkpoint_last.pt"), sc.shard_path(str(tmp_path / "checkpoint_last.pt"), 1)
+    for token, value in (("A", 1.0), ("B", 2.0)):
+        sc.atomic_save({sc.META: {"token": token}, "model": {"w": torch.tensor([value])}}, shard)
+    sc.atomic_save({"extra_state": {sc.META: {"token": "A"}}}, main)  # killed before B's main file was written
+    assert sc.find_shard(main, 1, "A")["model"]["w"].item() == 1.0
+    assert sc.load(shard)[sc.META]["token"] == "A" and not os.path.exists(shard + ".prev")
+    # save C wrote checkpoint_1_4 (main and shard), then only the main file reached checkpoint_last
+    sc.atomic_save({sc.META: {"token": "C"}, "model": {"w": torch.tensor([3.0])}}, str(tmp_path / "checkpoint_1_4-expert-rank1.pt"))
+    assert sc.find_shard(main, 1, "C")["model"]["w"].item() == 3.0
+    assert sc.load(shard)[sc.META]["token"] == "C"
+    with pytest.raises(FileNotFoundError, match="no expert shard of process 1 belongs to"):
+        sc.find_shard(main, 1, "D")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_one_shard_of_an_expert_parallel_checkpoint_is_refused_with_a_clear_message():
+    from test_model import build
+
+    model, _ = build("moec_transformer_tiny", ["--moe-expert-count", "4", "--moe-clusters", "2"])
+    state = model.state_dict()
+    shard = {k: v[:2] if ".experts." in k else v for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"holds 2 experts, but this model has 4 .*consolidate_checkpoint\.py"):
+        model.load_state_dict(shard)
+    model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------- fairseq-train under torchrun
+E2E_ARGS = [a if a != "4" or TINY_MOEC_ARGS[i - 1] != "--moe-expert-count" else "8"
+            for i, a in enumerate(TINY_MOEC_ARGS)] + ["--dropout", "0", "--disable-validation"]
+UPDATES = 8
+
+
+def train_log(text):
+    return {int(r["num_updates"]): r for r in
+            (json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", text))}
+
+
+def torchrun_train(data_bin, save_dir, max_update, stdout=None):
+    """scripts/launch.sh: torchrun --standalone --nproc_per_node 2 fairseq-train ... --cpu (+ gloo)."""
+    cmd = ["bash", ROOT / "scripts" / "launch.sh", str(W), data_bin, *E2E_ARGS, "--save-interval-updates", "2",
+           "--max-update", str(max_update), "--save-dir", save_dir]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if stdout is None:
+        return run(cmd, env={"PATH": env["PATH"]})
+    return subprocess.Popen([str(c) for c in cmd], stdout=stdout, stderr=subprocess.STDOUT, env=env)
+
+
+def saved_update(path):
+    try:
+        return sc.load(str(path), mmap=True)["extra_state"][sc.META]["num_updates"]
+    except (FileNotFoundError, RuntimeError, KeyError, EOFError):
+        return -1
+
+
+def worker_pid(launcher_pid, rank):
+    """The pid of torchrun's worker process of ``rank`` (read from /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in children:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tiny_corpus, tmp_path_factory):
+    """One process holding all 8 experts, two batches per update (--update-freq 2): the union of what the two
+    expert-parallel processes see in each update."""
+    _, _, data_bin = tiny_corpus
+    save_dir = tmp_path_factory.mktemp("ep_reference")
+    proc = run([cli("fairseq-train"), data_bin, *E2E_ARGS, "--update-freq", str(W), "--max-update", UPDATES,
+                "--save-dir", save_dir])
+    return train_log(proc.stdout + proc.stderr), save_dir / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def killed_and_restarted(tiny_corpus, tmp_path_factory):
+    """Train on 2 processes (8 experts, 4 + 4), SIGKILL process 1 once a checkpoint at update >= 2 exists,
+    then restart, which resumes from checkpoint_last.pt and trains to update 8."""
+    _, _, data_bin = tiny_corpus
+    save_dir = tmp_path_factory.mktemp("ep_run")
+    with open(save_dir / "killed.log", "w+") as log:
+        launcher = torchrun_train(data_bin, save_dir, 1000, stdout=log)
+        try:
+            deadline = time.time() + 240
+            while saved_update(save_dir / "checkpoint_last.pt") < 2:
+                assert launcher.poll() is None and time.time() < deadline, "training did not reach update 2"
+                time.sleep(0.2)
+            os.kill(worker_pid(launcher.pid, 1), signal.SIGKILL)
+            killed_at = time.time()
+            launcher.wait(timeout=120)
+            stopped_after = time.time() - killed_at
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+        log.seek(0)
+        killed_log = log.read()
+    resumed_from = saved_update(save_dir / "checkpoint_last.pt")
+    proc = torchrun_train(data_bin, save_dir, UPDATES)
+    return dict(save_dir=save_dir, returncode=launcher.returncode, stopped_after=stopped_after, killed_log=killed_log,
+                resumed_from=resumed_from, resumed_log=proc.stdout + proc.stderr)
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_others_and_the_run_restarts_from_its_last_checkpoint(killed_and_restarted):
+    r = killed_and_restarted
+    assert r["returncode"] != 0
+    assert r["stopped_after"] < 60, f"the surviving process took {r['stopped_after']:.0f}s to stop"
+    assert "ChildFailedError" in r["killed_log"]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", r["killed_log"]), r["killed_log"][-2000:]
+    assert f"Loaded checkpoint {r['save_dir']}/checkpoint_last.pt (epoch 1 @ {r['resumed_from']} updates)" \
+        in r["resumed_log"]
+    assert sorted(train_log(r["resumed_log"])) == list(range(r["resumed_from"] + 1, UPDATES + 1))
+
+
+@pytest.mark.slow
+def test_torchrun_expert_parallel_training_equals_one_process_then_consolidates_and_generates(
+        killed_and_restarted, single_process_reference, tiny_corpus, tmp_path):
+    _, _, data_bin = tiny_corpus
+    r = killed_and_restarted
+    reference_log, reference_checkpoint = single_process_reference
+    # the updates before the kill and after the restart: the same numbers as one process on the same batches
+    logs = {**train_log(r["killed_log"]), **train_log(r["resumed_log"])}
+    for update in range(1, UPDATES + 1):
+        for key in ("loss", "gnorm", "moe_loss", "moe_enc1_rerouted_frac", "moe_dec1_balance", "moe_dec1_load_cv"):
+            assert float(logs[update][key]) == pytest.approx(float(reference_log[update][key]), abs=2e-3), (update, key)
+    main = r["save_dir"] / "checkpoint_last.pt"
+    shard = sc.load(str(sc.shard_path(str(main), 1)))
+    assert shard[sc.META]["token"] == sc.load(str(main))["extra_state"][sc.META]["token"]
+    assert shard["model"]["encoder.layers.1.fc1.moe.experts.fc1.0.weight"].shape[0] == 4
+
+    # consolidate: every expert (and its optimizer state) in one file, equal to the one-process run's
+    consolidate = load_script("consolidate_checkpoint")
+    merged = tmp_path / "merged.pt"
+    consolidate.main([str(main), "-o", str(merged)])
+    got, want = torch.load(merged, weights_only=True), torch.load(reference_checkpoint, weights_only=True)
+    assert got["model"].keys() == want["model"].keys()
+    # Another summation order changes the last bits, and Adam turns rounding noise in near-zero gradients into
+    # steps: after 8 updates weights differ by up to ~2e-5 (lr 2e-3), optimizer moments by < 1e-3 of their
+    # scale. A lost or misplaced expert or optimizer state differs by the size of whole steps. Attention key
+    # biases are left out: their gradient is exactly zero (softmax ignores them), so they are noise only.
+    noise = lambda k: k.endswith("k_proj.bias")  # noqa: E731
+    for k, v in want["model"].items():
+        if not v.is_floating_point():  # the cluster-dropout state (survivors, period): exactly
+            assert torch.equal(got["model"][k], v), k
+        elif not noise(k):
+            assert (got["model"][k] - v).abs().max() < 1e-4, k
+    names = got["extra_state"]["moe_expert_layout"]["optimizer_param_names"]
+    for i, state in want["last_optimizer_state"]["state"].items():
+        for f, v in state.items():
+            if not noise(names[i]) and torch.is_tensor(v) and v.dim() > 0:
+                diff = (got["last_optimizer_state"]["state"][i][f] - v).abs().max()
+                assert diff <= 1e-2 * v.abs().max(), (names[i], f)
+
+    # reshard for 4 processes and merge back: the same checkpoint
+    resharded = tmp_path / "w4" / "checkpoint_last.pt"
+    consolidate.main([str(merged), "--world-size", "4", "-o", str(resharded)])
+    assert sc.load(str(sc.shard_path(str(resharded), 3)))["model"][
+        "decoder.layers.1.fc1.moe.experts.fc2.0.bias"].shape[0] == 2
+    consolidate.main([str(resharded), "-o", str(tmp_path / "back.pt")])
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(back["model"][k], v) for k, v in got["model"].items())
+
+    # fairseq-generate on one CPU process translates every test line with the merged checkpoint
+    proc = run([cli("fairseq-generate"), data_bin, "--user-dir", PLUGIN, "--task", "translation_moec", "--path", merged,
+                "--beam", "2", "--batch-size", "64", "--remove-bpe", "sentencepiece", "--cpu"])
+    hyps = re.findall(r"^D-(\d+)\t", proc.stdout, flags=re.M)
+    assert len(hyps) == len((FIXTURE / "test.en").read_text(encoding="utf-8").splitlines()) == 37
+
+
+def load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
