@@ -21,6 +21,7 @@
 #   DEMO_MOE_ENCODER_LAYERS [1]  DEMO_MOE_DECODER_LAYERS [1]  DEMO_SEED [1]
 #   DEMO_BEAM [4 / 5]  DEMO_GEN_BATCH [128]  DEMO_SAVE_INTERVAL [150 / 500] (updates between checkpoints)
 #   DEMO_TRAIN_ARGS [""]   extra fairseq-train arguments, appended as is
+#   DEMO_GEN_ARGS [""]     extra fairseq-generate arguments, appended as is (e.g. "--max-len-b 20" for a smoke test)
 #   DEMO_STOP_AFTER [""]   stop after this step (corpus, spm, encode, preprocess, train, generate)
 # The model directory is named after a hash of the training settings, so changing one trains a new model next to
 # the old one instead of mixing checkpoints.
@@ -67,6 +68,7 @@ BEAM=${DEMO_BEAM:-$D_BEAM}
 GEN_BATCH=${DEMO_GEN_BATCH:-128}
 SAVE_INTERVAL=${DEMO_SAVE_INTERVAL:-$D_SAVE}
 EXTRA_TRAIN_ARGS=${DEMO_TRAIN_ARGS:-}
+EXTRA_GEN_ARGS=${DEMO_GEN_ARGS:-}
 STOP_AFTER=${DEMO_STOP_AFTER:-}
 case "$STOP_AFTER" in ""|corpus|spm|encode|preprocess|train|generate) ;; *) die "DEMO_STOP_AFTER: unknown step '$STOP_AFTER'" ;; esac
 [ -d "$CORPUS" ] || die "corpus directory $CORPUS not found (DEMO_CORPUS)"
@@ -74,12 +76,25 @@ case "$STOP_AFTER" in ""|corpus|spm|encode|preprocess|train|generate) ;; *) die 
 mkdir -p "$DIR/stamps"
 DIR=$(cd "$DIR" && pwd)
 STAMPS="$DIR/stamps"
+# one demo at a time per directory (two fairseq-train runs must not share checkpoints)
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$DIR/lock"
+  flock -n 9 || die "another demo is running in $DIR (lock $DIR/lock); wait for it or set DEMO_DIR"
+fi
 hash() { sha1sum | cut -c1-12; }
 
 # --- stamp logic: a step is done iff its stamp exists and holds the key of the inputs it was made from ---
 is_done() { [ -f "$STAMPS/$1.done" ] && [ "$(cat "$STAMPS/$1.done")" = "$2" ]; }
 mark_done() { printf '%s\n' "$2" > "$STAMPS/$1.done.tmp" && mv -f "$STAMPS/$1.done.tmp" "$STAMPS/$1.done"; }
 T_START=$(date +%s)
+CURRENT_STEP=""
+on_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && [ -n "$CURRENT_STEP" ]; then
+    echo "[demo] ERROR: step $CURRENT_STEP failed (exit $rc); it is not marked done: fix the cause and rerun" >&2
+  fi
+}
+trap on_exit EXIT
 TIMES=()
 STEP_NO=0
 N_STEPS=7
@@ -94,8 +109,10 @@ run_step() {
     rm -f "$STAMPS/$name.done"
     log "step $STEP_NO/$N_STEPS $name: running"
     t0=$(date +%s)
+    CURRENT_STEP=$name
     "$fn"
     mark_done "$name" "$key"
+    CURRENT_STEP=""
     local dt=$(( $(date +%s) - t0 ))
     log "step $STEP_NO/$N_STEPS $name: done in ${dt}s"
     TIMES+=("$name ${dt}s")
@@ -213,14 +230,14 @@ run_step train "$KEY_TRAIN" do_train
 
 # --- 6. generate ----------------------------------------------------------------------------------------
 N_TEST=$(wc -l < "$DIR/corpus/test.es")
-KEY_GEN=$(echo "$KEY_TRAIN $CKPT beam $BEAM batch $GEN_BATCH" | hash)
+KEY_GEN=$(echo "$KEY_TRAIN $CKPT beam $BEAM batch $GEN_BATCH${EXTRA_GEN_ARGS:+ $EXTRA_GEN_ARGS}" | hash)
 do_generate() {
   rm -f "$MODEL/generate-test.txt" "$MODEL/generate-test.txt.tmp" "$MODEL/hyp.test.en"
   log "fairseq-generate: beam $BEAM, $N_TEST test sentences, batch $GEN_BATCH"
   fairseq-generate "$DIR/bin" --user-dir "$ROOT/fairseq_moec" --task translation_moec --source-lang es \
     --target-lang en --gen-subset test --path "$MODEL/checkpoints/$CKPT" --beam "$BEAM" \
     --batch-size "$GEN_BATCH" --required-batch-size-multiple 1 --cpu --log-format simple --log-interval 1 \
-    > "$MODEL/generate-test.txt.tmp"
+    $EXTRA_GEN_ARGS > "$MODEL/generate-test.txt.tmp"
   "$PY" "$TOOLS" collect "$MODEL/generate-test.txt.tmp" "$DIR/spm/spm.model" "$N_TEST" "$MODEL/hyp.test.en" \
     || die "fairseq-generate did not translate every test line (see $MODEL/generate-test.txt.tmp)"
   mv "$MODEL/generate-test.txt.tmp" "$MODEL/generate-test.txt"

@@ -28,17 +28,21 @@ _TITLE = re.compile(r"<title\b[^>]*/>|<title\b.*?</title>", re.S)
 _TAG = re.compile(r"<[^>]+>")
 _GLOSSARY = re.compile(r'<div\b[^>]*type="glossary"')  # the WEB module appends its glossary to Rev.22.21
 _SPACE = re.compile(r"\s+")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[?!,.;:])")
 
 
 def clean(raw: str) -> str:
     """OSIS verse markup -> plain text: notes and titles removed with their content, all other tags stripped
-    (their content kept), HTML entities unescaped, whitespace collapsed."""
+    (their content kept), HTML entities unescaped, whitespace collapsed. A removed note separates words
+    ("Lord,<note/>for" -> "Lord, for"); no space is left before ? ! , . ; : ("coins <note/> ?" -> "coins?",
+    "walk'</q> ?" -> "walk'?")."""
     m = _GLOSSARY.search(raw)
     if m:
         raw = raw[:m.start()]
     text = _TITLE.sub(" ", _NOTE.sub(" ", raw))
     text = _TAG.sub("", text)
     text = html.unescape(text)
+    text = _SPACE_BEFORE_PUNCT.sub("", text)
     return _SPACE.sub(" ", text).strip()
 
 

@@ -225,3 +225,12 @@ def test_score_writes_bleu_and_chrf_with_signatures(tmp_path):
     res = json.loads((tmp_path / "res.json").read_text())
     assert 0 < res["bleu"] < 100 and 0 < res["chrf"] < 100
     assert "tok:13a" in res["bleu_signature"] and res["chrf_signature"].startswith("nrefs:1")
+
+
+def test_failing_step_is_reported_and_not_stamped(tmp_path):
+    c = make_corpus(tmp_path / "c")
+    r = run_demo(tmp_path, c, stop_after="spm", DEMO_VOCAB="5000")  # far too many pieces for 12 lines
+    assert r.returncode != 0
+    assert "step spm failed" in r.stderr
+    assert stamp(tmp_path, "corpus").is_file() and not stamp(tmp_path, "spm").exists()
+    assert not (tmp_path / "demo" / "spm").exists()
