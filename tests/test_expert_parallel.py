@@ -110,8 +110,8 @@ def ep_worker(rank, port, out_dir):
 
 
 def test_two_processes_match_one_process_holding_all_experts(tmp_path):
-    # fork: the workers inherit the imported modules instead of importing fairseq again (seconds each)
-    mp.start_processes(ep_worker, args=(free_port(), str(tmp_path)), nprocs=W, start_method="fork")
+    # spawn, not fork: a forked child can inherit a lock held by one of the test process's threads and hang
+    mp.spawn(ep_worker, args=(free_port(), str(tmp_path)), nprocs=W)
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(W)]
     ranks = [s["layer"] for s in saved]
     for c, case in enumerate(CASES):
@@ -159,6 +159,23 @@ def test_expert_count_and_cluster_placement_must_fit_the_processes():
         MoEConfig(moe_expert_count=6, moe_clusters=2).validate_expert_parallel(4)
     with pytest.raises(ValueError, match=r"--moe-expert-placement cluster: the 2 clusters of 4 experts"):
         MoEConfig(moe_expert_count=8, moe_clusters=2, moe_expert_placement="cluster").validate_expert_parallel(4)
+
+
+def test_fairseq_options_that_cannot_work_with_split_experts_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from fairseq_moec import expert_parallel as glue
+
+    monkeypatch.setattr(glue.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(glue.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(glue.dist, "get_rank", lambda group=None: 1)
+    args = SimpleNamespace(moe_expert_count=8, moe_clusters=2, moe_expert_parallel="auto")
+    assert glue.expert_parallel_for(args) == ExpertParallel(rank=1, world_size=2)
+    assert glue.expert_parallel_for(SimpleNamespace(moe_expert_count=6, moe_expert_parallel="off")) is None
+    with pytest.raises(ValueError, match=r"--moe-expert-count: 5 experts cannot be split evenly over 2"):
+        glue.expert_parallel_for(SimpleNamespace(moe_expert_count=5, moe_clusters=1))
+    with pytest.raises(ValueError, match=r"does not work with: --eval-bleu .*; --fp16/--bf16 with flattened"):
+        glue.expert_parallel_for(SimpleNamespace(**vars(args), eval_bleu=True, fp16=True))
 
 
 def test_an_interrupted_save_leaves_a_loadable_checkpoint(tmp_path):
