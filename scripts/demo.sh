@@ -3,7 +3,8 @@
 # with no download. One command (`make demo`, or `bash scripts/demo.sh` with the project venv on PATH).
 #
 # Steps (each one writes under temporary names and writes its stamp file last, so a finished step is skipped by
-# the next run and an interrupted one is redone; training resumes from checkpoint_last.pt):
+# the next run and an interrupted one is redone; training resumes from checkpoint_last.pt). Stamps: the data steps
+# in $DEMO_DIR/stamps/, the model steps in $DEMO_DIR/<profile>-<hash of the training settings>/stamps/.
 #   corpus      decompress data/bible-es-en/*.xz to $DEMO_DIR/corpus and check it (aligned, no empty line, sha256)
 #   spm         joint sentencepiece unigram model (DEMO_VOCAB pieces) on train.es + train.en
 #   encode      sentencepiece-encode every split
@@ -214,7 +215,8 @@ fi
 [ -n "$EXTRA_TRAIN_ARGS" ] && TRAIN_ARGS+=($EXTRA_TRAIN_ARGS)
 KEY_TRAIN=$( { echo "$KEY_BIN $PROFILE"; printf '%s\n' "${TRAIN_ARGS[@]}" | grep -v "^$ROOT"; } | hash)
 MODEL="$DIR/$PROFILE-$KEY_TRAIN"
-mkdir -p "$MODEL"
+mkdir -p "$MODEL/stamps"
+STAMPS="$MODEL/stamps"  # train, generate and score are stamped per model: switching settings back and forth reuses them
 do_train() {
   mkdir -p "$MODEL/checkpoints"
   if [ -f "$MODEL/checkpoints/checkpoint_last.pt" ]; then
