@@ -219,6 +219,11 @@ mkdir -p "$MODEL/stamps"
 STAMPS="$MODEL/stamps"  # train, generate and score are stamped per model: switching settings back and forth reuses them
 do_train() {
   mkdir -p "$MODEL/checkpoints"
+  if [ -f "$MODEL/checkpoints/$CKPT" ] && grep -q "done training" "$MODEL/train.log" 2>/dev/null; then
+    # finished, but interrupted before the stamp: fairseq would train one more update on restart
+    log "training had finished already ($MODEL/train.log says 'done training'); not restarting it"
+    return 0
+  fi
   if [ -f "$MODEL/checkpoints/checkpoint_last.pt" ]; then
     log "resuming from $MODEL/checkpoints/checkpoint_last.pt"
   fi
