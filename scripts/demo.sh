@@ -204,10 +204,11 @@ TRAIN_ARGS=(
 )
 if [ "$PROFILE" = long ]; then
   # to convergence: validate every SAVE_INTERVAL updates, stop when valid loss has not improved 5 times in a row
-  TRAIN_ARGS+=(--validate-interval-updates "$SAVE_INTERVAL" --patience 5 --best-checkpoint-metric loss)
+  TRAIN_ARGS+=(--validate-interval-updates "$SAVE_INTERVAL" --validate-interval 1000 --patience 5
+              --best-checkpoint-metric loss)
   CKPT=checkpoint_best.pt
 else
-  # fixed number of updates; validation only at the checkpoints (cheap: 995 sentences)
+  # fixed number of updates; validation only at the interval checkpoints and at the end (995 sentences)
   TRAIN_ARGS+=(--validate-interval 1000)
   CKPT=checkpoint_last.pt
 fi

@@ -10,7 +10,7 @@
 #   FRESH_SPLIT=1   assign every extracted verse to a split by a hash of its reference instead of taking the
 #                   split lists of the shipped corpus (the shipped corpus also holds some verses back; see
 #                   data/bible-es-en/README.md)
-#   COMPRESS=1      also write OUT_DIR/*.xz (xz -9) and OUT_DIR/SHA256SUMS, the shipped form
+#   COMPRESS=1      also write OUT_DIR/*.xz (xz -9e) and OUT_DIR/SHA256SUMS, the shipped form
 #   SPARV_VERSION, WEB_VERSION   Debian versions to fetch (default: whatever apt offers; the shipped corpus
 #                   was made from sword-text-sparv 2.60-1 and sword-text-web 426.0-1)
 # At the end the result is compared with the shipped files, file by file.
@@ -55,7 +55,7 @@ echo "[rebuild] extracting (a few minutes)" >&2
 
 if [ "${COMPRESS:-0}" = 1 ]; then
   (cd "$OUT" && sha256sum {train,valid,test}.{es,en,ref} > SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
-  for f in "$OUT"/{train,valid,test}.{es,en,ref}; do xz -9 -k -f "$f"; done
+  for f in "$OUT"/{train,valid,test}.{es,en,ref}; do xz -9e -T1 -k -f "$f"; done
 fi
 
 echo "[rebuild] comparison with the shipped corpus ($SHIPPED):"
