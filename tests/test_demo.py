@@ -234,3 +234,30 @@ def test_failing_step_is_reported_and_not_stamped(tmp_path):
     assert "step spm failed" in r.stderr
     assert stamp(tmp_path, "corpus").is_file() and not stamp(tmp_path, "spm").exists()
     assert not (tmp_path / "demo" / "spm").exists()
+
+
+# --- the corpus rebuild's cleaning (pure text functions; the Debian packages are not needed here) ------------------
+def rebuild_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rebuild_bible_corpus", ROOT / "scripts" / "rebuild_bible_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rebuild_cleaning_rules():
+    clean = rebuild_module().clean
+    assert clean('<w lemma="strong:H0430">God</w><note placement="foot"><reference type="annotateRef">1:1 '
+                 '</reference>The Hebrew word “God”.</note><w lemma="x">created</w>') == "God created"
+    assert clean('<title type="psalm">A Psalm.</title> <w>Yahweh</w>,<note>n</note>for') == "Yahweh, for"
+    assert clean("coins</q> <note>x</note> <q marker=\"\">? Not &amp; ‘walk’</q> ?”") == "coins? Not & ‘walk’?”"
+    assert clean('Amen. <chapter eID="Rev.22"/> <div sID="g1" type="glossary"/> <title>Glossary</title> Abba') == "Amen."
+    assert clean("  a \n\t b  ") == "a b"
+
+
+def test_rebuild_split_is_a_function_of_the_reference():
+    split_of = rebuild_module().split_of
+    splits = [split_of(f"Gen.{c}.{v}") for c in range(1, 51) for v in range(1, 41)]
+    assert splits == [split_of(f"Gen.{c}.{v}") for c in range(1, 51) for v in range(1, 41)]
+    assert set(splits) == {"train", "valid", "test"}
+    assert 0.02 < splits.count("test") / len(splits) < 0.05
