@@ -188,7 +188,8 @@ def test_an_interrupted_save_leaves_a_loadable_checkpoint(tmp_path):
     assert sc.find_shard(main, 1, "A")["model"]["w"].item() == 1.0
     assert sc.load(shard)[sc.META]["token"] == "A" and not os.path.exists(shard + ".prev")
     # save C wrote checkpoint_1_4 (main and shard), then only the main file reached checkpoint_last
-    sc.atomic_save({sc.META: {"token": "C"}, "model": {"w": torch.tensor([3.0])}}, str(tmp_path / "checkpoint_1_4-expert-rank1.pt"))
+    sc.atomic_save({sc.META: {"token": "C"}, "model": {"w": torch.tensor([3.0])}},
+                   str(tmp_path / "checkpoint_1_4-expert-rank1.pt"))
     assert sc.find_shard(main, 1, "C")["model"]["w"].item() == 3.0
     assert sc.load(shard)[sc.META]["token"] == "C"
     with pytest.raises(FileNotFoundError, match="no expert shard of process 1 belongs to"):
@@ -208,8 +209,14 @@ def test_one_shard_of_an_expert_parallel_checkpoint_is_refused_with_a_clear_mess
 
 
 # ------------------------------------------------------------------------------- fairseq-train under torchrun
-E2E_ARGS = [a if a != "4" or TINY_MOEC_ARGS[i - 1] != "--moe-expert-count" else "8"
-            for i, a in enumerate(TINY_MOEC_ARGS)] + ["--dropout", "0", "--disable-validation"]
+def with_value(args, flag, value):
+    i = args.index(flag)
+    return args[:i + 1] + [value] + args[i + 2:]
+
+
+# the tiny MoEC model with 8 experts in 2 clusters (4 + 4 on two processes), cluster dropout resampled every 2
+# updates; no dropout, so that one process with --update-freq 2 sees exactly what the two processes see
+E2E_ARGS = with_value(TINY_MOEC_ARGS, "--moe-expert-count", "8") + ["--dropout", "0", "--disable-validation"]
 UPDATES = 8
 
 
@@ -273,6 +280,7 @@ def killed_and_restarted(tiny_corpus, tmp_path_factory):
             killed_at = time.time()
             launcher.wait(timeout=120)
             stopped_after = time.time() - killed_at
+            print(f"torchrun stopped {stopped_after:.1f}s after process 1 was killed")  # shown with pytest -s
         finally:
             if launcher.poll() is None:
                 launcher.kill()
