@@ -476,6 +476,35 @@ def write_table(rows, eval_checkpoints, target_updates):
     return text
 
 
+def write_mean_table(groups, eval_checkpoints):
+    """groups: [(name, [run_dir per seed])] -> markdown: means over the FINISHED seeds only, with their count."""
+    cols = [(f"BLEU ({w})", ("results", w, "bleu")) for w in eval_checkpoints]
+    cols += [(f"chrF ({w})", ("results", w, "chrf")) for w in eval_checkpoints]
+    cols += [("best valid loss", ("summary", "best_valid_loss")), ("final valid loss", ("summary", "last_valid_loss")),
+             ("final − best", None), ("gap valid−train", ("summary", "gap"))]
+    head = ["run", "finished seeds"] + [c for c, _ in cols]
+    lines = ["Mean over the finished seeds:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rdirs in groups:
+        stamps = [json.loads((Path(r) / STAMP).read_text()) for r in rdirs if is_done(r)]
+        sums = [summarize_log(Path(r) / "train.log") for r in rdirs if is_done(r)]
+        cells = [name, str(len(stamps))]
+        for _, path in cols:
+            vals = []
+            for st, su in zip(stamps, sums):
+                if path is None:
+                    v = (su.get("last_valid_loss") - su["best_valid_loss"]) if "best_valid_loss" in su else None
+                elif path[0] == "summary":
+                    v = su.get(path[1])
+                else:
+                    v = (st.get("results", {}).get(path[1]) or {}).get(path[2])
+                if isinstance(v, (int, float)):
+                    vals.append(v)
+            fmt = "{:.2f}" if path and path[0] == "results" else "{:.3f}"
+            cells.append(fmt.format(sum(vals) / len(vals)) if vals else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(curves, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -514,6 +543,9 @@ def report(args):
             curves.append((label if status == "done" else f"{label} ({status})",
                            summarize_log(rdir / "train.log")["curve"], spec[0], seed))
     table = write_table(rows, args.eval_checkpoints, args.updates)
+    if len(args.seeds) > 1:
+        groups = [(spec[0], [run_dir(args, spec[0], seed) for seed in args.seeds]) for spec in run_specs(args)]
+        table += "\n" + write_mean_table(groups, args.eval_checkpoints)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.md", table)

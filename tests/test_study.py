@@ -178,3 +178,20 @@ def test_report_writes_table_json_and_plot(study, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
     full = json.loads((tmp_path / "results.json").read_text())
     assert full["moe32 (s1)"]["summary"]["best_update"] == 20 and full["moec32 (s2) G=4"]["stamp"] is None
+
+
+def test_mean_table_uses_finished_seeds_only(study, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, best in ((a, 10.0), (b, 20.0)):
+        d.mkdir()
+        synthetic_log(d / "train.log", upto=40)
+        (d / "DONE").write_text(json.dumps({"results": {"best": {"bleu": best, "chrf": 2 * best}}}))
+    c.mkdir()
+    synthetic_log(c / "train.log", upto=40)  # unfinished: must not count
+    text = study.write_mean_table([("moe32", [a, b, c]), ("dense", [tmp_path / "none"])], ["best"])
+    row = next(l for l in text.splitlines() if l.startswith("| moe32"))
+    cells = [x.strip() for x in row.split("|")[1:-1]]
+    assert cells[:4] == ["moe32", "2", "15.00", "30.00"]
+    assert cells[4] == "5.000" and cells[6] == "0.500"  # best valid 5.0, final 5.5
+    dense = next(l for l in text.splitlines() if l.startswith("| dense"))
+    assert "| dense | 0 | – |" in dense
