@@ -506,26 +506,39 @@ def write_mean_table(groups, eval_checkpoints):
 
 
 def plot(curves, path):
+    """Valid loss over updates, one line per run (colour: model, line style: seed); right panel: the second half
+    of training, zoomed, where overfitting shows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5))
     colors, styles = {}, ["-", "--", ":", "-."]
+    last = max((c[-1][0] for _, c, *_ in curves if c), default=0)
+    lo, hi = float("inf"), float("-inf")
     for item in curves:
         label, curve = item[0], item[1]
         name, seed = (item[2], item[3]) if len(item) > 2 else (label, 1)
         color = colors.setdefault(name, f"C{len(colors)}")
-        if curve:
-            ax.plot([u for u, _ in curve], [l for _, l in curve], marker=".", color=color,
-                    linestyle=styles[(seed - 1) % len(styles)], label=label)
-    ax.set_xlabel("update")
-    ax.set_ylabel("valid loss (label-smoothed CE, base 2)")
-    ax.set_title("Bible es-en limited-data study: valid loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        if not curve:
+            continue
+        style = dict(marker=".", color=color, linestyle=styles[(seed - 1) % len(styles)], label=label)
+        ax.plot([u for u, _ in curve], [l for _, l in curve], **style)
+        half = [(u, l) for u, l in curve if u >= last / 2]
+        if half:
+            zoom.plot([u for u, _ in half], [l for _, l in half], **style)
+            lo, hi = min(lo, min(l for _, l in half)), max(hi, max(l for _, l in half))
+    for a, title in ((ax, "valid loss"), (zoom, "second half, zoomed")):
+        a.set_xlabel("update")
+        a.set_ylabel("valid loss (label-smoothed CE, base 2)")
+        a.set_title(title)
+        a.grid(alpha=0.3)
+    if hi > lo:
+        zoom.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    ax.legend(fontsize=8)
+    fig.suptitle("Bible es-en limited-data study: dense vs MoE vs MoEC, equal updates")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path) + ".tmp.png", dpi=110)
+    fig.savefig(str(path) + ".tmp.png", dpi=100)
     os.replace(str(path) + ".tmp.png", path)
     plt.close(fig)
 
