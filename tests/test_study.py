@@ -117,7 +117,6 @@ def test_unfinished_run_resumes_same_dir(study, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(study, "sh", lambda cmd, **k: calls.append(cmd))
     study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
-    study.DONE_WRITTEN = (study.run_dir(args, spec[0], 1) / "DONE").exists()
     assert len(calls) == 1 and "--save-dir" in calls[0]
     save_dir = calls[0][calls[0].index("--save-dir") + 1]
     assert save_dir == str(study.run_dir(args, spec[0], 1) / "checkpoints")
