@@ -2,7 +2,7 @@
 """Forward+backward time and peak activation memory of one MoE layer against a dense FFN and two peers.
 
     python benchmarks/bench_layer.py                       # CPU, fp32, 2 threads, T=4096, d=512, FFN 2048
-    python benchmarks/bench_layer.py --quick               # smoke run (< 1 minute)
+    python benchmarks/bench_layer.py --quick               # smoke run (seconds idle, < 1 minute loaded)
     python benchmarks/bench_layer.py --device cuda --dtype bf16 --sync-check
 
 Cases (one group per expert count E, each group with its own dense yardstick):
@@ -11,14 +11,14 @@ Cases (one group per expert count E, each group with its own dense yardstick):
                   (G=4 at E=8, so that a cluster has 2 experts and dropout 0.5 drops one) with dropout 0.5
   fairscale-k2    fairscale 0.4.13 nn.moe.MOELayer + Top2Gate (capacity 2T/E, one-hot [T, E, C] dispatch)
   torchscale-k*   torchscale 0.3.0 component.xmoe MOELayer + Top1Gate (capacity factor 1.0) / Top2Gate
-  proto-k1        our layer with a prototype expert kernel (benchmarks/proto_experts.py): per-expert loop
+  proto-k1        (CPU) our layer with a prototype expert kernel (benchmarks/proto_experts.py): per-expert loop
                   inside one autograd.Function that writes the weight gradients straight into one [E, out, in]
                   buffer (no unbind/stack, no cat/split), to show what fairseq_moec/modules leaves on the table
-  floor-loop      the floor of any per-expert loop: E expert FFNs forward+backward as raw matmuls into
-                  preallocated buffers on T/E tokens each (no routing, no autograd), fresh weight-gradient
-                  buffers every step as in training
+  padbmm-k1       (CPU) our layer with experts padded to the largest count and run as one baddbmm per map
+  mm-one/-loop/-bmm  forward fc1 matmul floors: one [T, d] x [d, f] matmul, E matmuls of T/E rows with E weights,
+                  one bmm of the same
   gradwrite       allocate and zero E x (fc1 + fc2) weight-gradient bytes: the part of the floor that
-                  grows with E whatever the kernel
+                  grows with E whatever the kernel (fresh memory each step, as with gradients set to None)
 
 Every step: parameter gradients set to None (as fairseq's zero_grad does), forward, backward of the output
 with a fixed random output gradient plus the sum of the auxiliary losses (balance + cluster + z for ours,
@@ -39,7 +39,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import socket
