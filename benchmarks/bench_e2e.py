@@ -7,7 +7,7 @@ Transformer of the same active size, on the same binarized data, in one run.
     python benchmarks/bench_e2e.py --raw-dir DIR                     # {train,valid,test}.{src,tgt}[.xz]
     python benchmarks/bench_e2e.py --quick                          # smoke run (tiny model, few updates)
 
-Models (both: --share-all-embeddings, d 256, FFN 1024, 3+3 layers, 4 heads, dropout 0.1, Adam, inverse_sqrt):
+Models (both: --share-all-embeddings, d 256, FFN 1024, 3+3 layers, 4 heads, dropout 0.1, Adam (torch_adam: fused), inverse_sqrt):
   dense  fairseq's own `transformer`, task `translation`, criterion `label_smoothed_cross_entropy`
   moec   `moec_transformer` with encoder and decoder layer 1 MoE: 64 experts (one FFN each: the same active
          size per token as dense), top-1, 8 clusters of 8, cluster dropout 0.5, balance + cluster losses
@@ -156,7 +156,7 @@ def criterion_args(kind):
 def train_cmd(args, kind, data_bin, rdir, max_update):
     return ([cli("fairseq-train"), data_bin, "--source-lang", args.source_lang, "--target-lang", args.target_lang,
              "--cpu", "--num-workers", "0", "--seed", "1",
-             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
+             "--optimizer", args.optimizer, "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
              "--warmup-updates", "150", "--warmup-init-lr", "1e-07", "--max-tokens", args.max_tokens,
              "--max-update", max_update, "--disable-validation", "--save-dir", rdir / "ckpt",
              "--no-epoch-checkpoints", "--save-interval-updates", "0",
@@ -219,7 +219,9 @@ def machine_info(args):
     import torch
     info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+                    if k in os.environ}}
     try:
         with open("/proc/cpuinfo") as fh:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
@@ -261,6 +263,8 @@ def main(argv=None):
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default="dense,moec")
+    p.add_argument("--optimizer", default="torch_adam", choices=["torch_adam", "adam"],
+                   help="torch_adam: fused AdamW (the plugin's); adam: fairseq's per-parameter loop")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1000-piece vocab on 2000 pairs, "
                    "4 updates, 20 test sentences")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e_cpu.json)")

@@ -11,10 +11,8 @@ Cases (one group per expert count E, each group with its own dense yardstick):
                   (G=4 at E=8, so that a cluster has 2 experts and dropout 0.5 drops one) with dropout 0.5
   fairscale-k2    fairscale 0.4.13 nn.moe.MOELayer + Top2Gate (capacity 2T/E, one-hot [T, E, C] dispatch)
   torchscale-k*   torchscale 0.3.0 component.xmoe MOELayer + Top1Gate (capacity factor 1.0) / Top2Gate
-  proto-k1        (CPU) our layer with a prototype expert kernel (benchmarks/proto_experts.py): per-expert loop
-                  inside one autograd.Function that writes the weight gradients straight into one [E, out, in]
-                  buffer (no unbind/stack, no cat/split), to show what fairseq_moec/modules leaves on the table
   padbmm-k1       (CPU) our layer with experts padded to the largest count and run as one baddbmm per map
+                  (a prototype in benchmarks/proto_experts.py, not in the plugin)
   mm-one/-loop/-bmm  forward fc1 matmul floors: one [T, d] x [d, f] matmul, E matmuls of T/E rows with E weights,
                   one bmm of the same
   gradwrite       allocate and zero E x (fc1 + fc2) weight-gradient bytes: the part of the floor that
@@ -214,15 +212,14 @@ def build_group(E, args, M, proto, peers, device, dtype):
     # prototype expert kernels on the same layer (top-1, G=1), sharing the experts' weights
     if proto is not None and device.type == "cpu":
         for name, patch, note in (
-                ("proto-k1", proto.patch_experts, "per-expert loop in one autograd.Function, no unbind/stack"),
-                ("padbmm-k1", proto.patch_padded_bmm, "experts padded to the largest count, one baddbmm")):
+                ("padbmm-k1", proto.patch_padded_bmm, "experts padded to the largest count, one baddbmm"),):
             if not want(args, name):
                 continue
             cfg = M.MoEConfig(moe_expert_count=E, moe_top_k=1)
             layer = M.MoELayer(cfg, d, f).to(device, dtype)
             if shared is not None:  # same weights, in module trees of its own (patching leaves them alone)
                 layer.router, layer.experts = shared.router, shallow_clone(shared.experts)
-            patch(layer.experts if name == "proto-k1" else layer)
+            patch(layer)
             layer.train()
 
             def run_proto(m=layer):
@@ -486,7 +483,8 @@ def machine_info(device):
     except OSError:
         pass
     info["env"] = {k: os.environ[k] for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                               "MKL_NUM_THREADS", "LD_PRELOAD") if k in os.environ}
+                                               "MKL_NUM_THREADS", "LD_PRELOAD", "MALLOC_MMAP_MAX_",
+                                               "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     try:

@@ -113,10 +113,12 @@ def verdicts(cpu, cuda, e2e):
 
 
 def main():
-    cuda, cuda32, e2e = (load(n) for n in ("layer_cuda.json", "layer_cuda_T32768.json", "e2e_cpu.json"))
-    cpu_runs = [(n, load(n)) for n in ("layer_cpu_quiet.json", "layer_cpu.json", "layer_cpu_run1_load10.json")]
+    cuda, cuda32 = (load(n) for n in ("layer_cuda.json", "layer_cuda_T32768.json"))
+    e2e_runs = [(n, load(n)) for n in ("e2e_cpu.json", "e2e_cpu_nommap.json", "e2e_cpu_before.json")]
+    e2e_runs = [(n, r) for n, r in e2e_runs if r]
+    cpu_runs = [(n, load(n)) for n in ("layer_cpu_quiet.json", "layer_cpu_quiet_nommap.json",
+                                       "layer_cpu_quiet_before.json", "layer_cpu.json", "layer_cpu_run1_load10.json")]
     cpu_runs = [(n, r) for n, r in cpu_runs if r]
-    cpu = cpu_runs[0][1] if cpu_runs else None  # the verdicts use the quietest run
     for title, res, is_cuda in ([(f"CPU layer ({n})", r, False) for n, r in cpu_runs]
                                 + [("GPU layer", cuda, True), ("GPU layer, T=32768", cuda32, True)]):
         if res:
@@ -129,15 +131,20 @@ def main():
         for k, v in cuda["sync_check"].items():
             where = ", ".join(f"{a}: {b}" for a, b in (v.get("where") or {}).items())
             print(f"| {k} | {v.get('syncs')} | {where or v.get('error', '')} |")
-    if e2e:
-        print("\n### End to end (CPU)\n")
+    for name, e2e in e2e_runs:
+        print(f"\n### End to end (CPU, {name})\n")
         print("| model | train wps (median) | generate sentences/s (median) |")
         print("|---|---|---|")
         for m in e2e["train"]:
             print(f"| {m} | {f(e2e['train'][m]['wps_median'], '.0f')} | "
                   f"{f(e2e['generate'].get(m, {}).get('sentences_per_s_median'))} |")
-    print("\n### Targets\n")
-    verdicts(cpu, [cuda, cuda32], e2e)
+    # verdicts: the current code on the idle machine, with glibc's default allocator and without mmap
+    for cpu_name, e2e_name in (("layer_cpu_quiet.json", "e2e_cpu.json"),
+                               ("layer_cpu_quiet_nommap.json", "e2e_cpu_nommap.json")):
+        cpu, e2e = load(cpu_name), load(e2e_name)
+        if cpu or e2e:
+            print(f"\n### Targets ({cpu_name}, {e2e_name})\n")
+            verdicts(cpu, [cuda, cuda32], e2e)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """fairseq_moec: Mixture of Expert Clusters (MoEC) Transformers for fairseq (use with --user-dir fairseq_moec).
 
 Importing registers the ``moec_transformer`` model and its architectures, the
-``moec_label_smoothed_cross_entropy`` criterion and the ``translation_moec`` task, lets fairseq checkpoints
-load under torch's weights_only unpickler, restores upstream fairseq's batching (see batching_fix), lets
+``moec_label_smoothed_cross_entropy`` criterion, the ``translation_moec`` task and the ``torch_adam`` optimizer,
+lets fairseq checkpoints load under torch's weights_only unpickler, restores upstream fairseq's batching (see batching_fix), lets
 torchrun drive fairseq-train on CPU (torchrun_fix) and teaches fairseq's Trainer expert parallelism
 (expert_parallel: gradients, gradient norm, per-process checkpoints, atomic checkpoint copies).
 """
@@ -16,4 +16,4 @@ keep_last_batches()
 fix_torchrun_on_cpu()
 install_trainer_hooks()
 
-from . import criterions, models, tasks  # noqa: E402,F401  (registration)
+from . import criterions, models, optim, tasks  # noqa: E402,F401  (registration)

@@ -15,12 +15,12 @@
 #
 # Settings (environment variables; defaults in brackets, "long" profile values after the slash):
 #   DEMO_DIR [work/demo]   DEMO_CORPUS [data/bible-es-en: *.xz or plain files {train,valid,test}.{es,en,ref}]
-#   DEMO_PROFILE [default | long: trains to convergence, validation every 500 updates, early stopping]
-#   DEMO_UPDATES [430 / 20000]  DEMO_LR [2e-3 / 1e-3]  DEMO_WARMUP [150 / 1000]  DEMO_DROPOUT [0.1 / 0.3]
+#   DEMO_PROFILE [default | long: trains to convergence, validation every 250 updates, early stopping]
+#   DEMO_UPDATES [430 / 2000]  DEMO_LR [2e-3 / 2e-3]  DEMO_WARMUP [150 / 300]  DEMO_DROPOUT [0.1 / 0.2]
 #   DEMO_MAX_TOKENS [6000]  DEMO_LAYERS [3]  DEMO_DIM [256]  DEMO_FFN [1024]  DEMO_HEADS [4]  DEMO_VOCAB [8000]
 #   DEMO_EXPERTS [8]  DEMO_CLUSTERS [2]  DEMO_CLUSTER_DROPOUT [0.25]  DEMO_DROPOUT_INTERVAL [50]
 #   DEMO_MOE_ENCODER_LAYERS [1]  DEMO_MOE_DECODER_LAYERS [1]  DEMO_SEED [1]
-#   DEMO_BEAM [4 / 5]  DEMO_GEN_BATCH [128]  DEMO_SAVE_INTERVAL [150 / 500] (updates between checkpoints)
+#   DEMO_BEAM [4 / 5]  DEMO_GEN_BATCH [128]  DEMO_SAVE_INTERVAL [150 / 250] (updates between checkpoints)
 #   DEMO_TRAIN_ARGS [""]   extra fairseq-train arguments, appended as is
 #   DEMO_GEN_ARGS [""]     extra fairseq-generate arguments, appended as is (e.g. "--max-len-b 20" for a smoke test)
 #   DEMO_STOP_AFTER [""]   stop after this step (corpus, spm, encode, preprocess, train, generate)
@@ -43,7 +43,7 @@ TOOLS="$ROOT/scripts/demo_tools.py"
 PROFILE=${DEMO_PROFILE:-default}
 case "$PROFILE" in
   default) D_UPDATES=430;   D_LR=2e-3; D_WARMUP=150;  D_DROPOUT=0.1; D_BEAM=4; D_SAVE=150 ;;
-  long)    D_UPDATES=20000; D_LR=1e-3; D_WARMUP=1000; D_DROPOUT=0.3; D_BEAM=5; D_SAVE=500 ;;
+  long)    D_UPDATES=2000;  D_LR=2e-3; D_WARMUP=300;  D_DROPOUT=0.2; D_BEAM=5; D_SAVE=250 ;;
   *) die "DEMO_PROFILE must be 'default' or 'long', got '$PROFILE'" ;;
 esac
 DIR=${DEMO_DIR:-work/demo}
@@ -203,8 +203,8 @@ TRAIN_ARGS=(
   --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 1 --no-epoch-checkpoints
 )
 if [ "$PROFILE" = long ]; then
-  # to convergence: validate every SAVE_INTERVAL updates, stop when valid loss has not improved 5 times in a row
-  TRAIN_ARGS+=(--validate-interval-updates "$SAVE_INTERVAL" --validate-interval 1000 --patience 5
+  # to convergence: validate every SAVE_INTERVAL updates, stop when valid loss has not improved 4 times in a row
+  TRAIN_ARGS+=(--validate-interval-updates "$SAVE_INTERVAL" --validate-interval 1000 --patience 4
               --best-checkpoint-metric loss)
   CKPT=checkpoint_best.pt
 else

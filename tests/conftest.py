@@ -53,7 +53,7 @@ TINY_MOEC_ARGS = [
     "--user-dir", PLUGIN, "--task", "translation_moec", "--arch", "moec_transformer_tiny",
     "--criterion", "moec_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--share-all-embeddings",
     "--moe-expert-count", "4", "--moe-clusters", "2", "--cluster-dropout", "0.5", "--cluster-dropout-interval", "2",
-    "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
+    "--optimizer", "torch_adam", "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
     "--warmup-updates", "4", "--max-tokens", "1500", "--cpu", "--seed", "3", "--num-workers", "0",
     "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--no-epoch-checkpoints",
 ]

@@ -43,7 +43,7 @@ def test_load_counts_fractions_cv_entropy_by_hand():
 
 def test_training_and_analysis_agree_on_cv_and_entropy():
     from fairseq_moec.modules import losses
-    cv, entropy = losses.load_statistics(EXPERTS, 4)
+    cv, entropy = losses.load_statistics(losses.expert_counts(EXPERTS, 4))
     assert (float(cv), float(entropy)) == pytest.approx(A.load_cv_entropy(A.expert_counts(EXPERTS, 4)), rel=1e-5)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fairseq_moec.modules import MoEConfig, MoELayer, capacity, dispatch_combine
-from fairseq_moec.modules.experts import ExpertFFNs, Groups
+from fairseq_moec.modules.experts import ExpertFFNs, GroupedLinear, Groups, _ExpertLoop
 
 
 def naive_expert(experts: ExpertFFNs, e: int, v: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,26 @@ def test_capacity_formula():
     assert capacity(100, 8, 2, 1.25) == 32  # ceil(1.25 * 2 * 100 / 8) = ceil(31.25)
 
 
+def test_expert_loop_gradients_match_finite_differences():
+    """The fp32/fp64 path (one autograd node for all experts) against torch's numerical gradient, with an
+    expert that gets no rows (its weight and bias gradients must be exact zeros, not stale memory)."""
+    torch.manual_seed(0)
+    lin = GroupedLinear(4, 3, 5).double()
+    counts = [2, 0, 3, 1]
+    x = torch.randn(sum(counts), 3, dtype=torch.double, requires_grad=True)
+    groups = Groups(counts, None, None)
+    assert torch.autograd.gradcheck(lambda x, w, b: _ExpertLoop.apply(x, w, b, counts),
+                                    (x, lin.weight, lin.bias))
+    lin(x, groups).pow(2).sum().backward()
+    assert torch.all(lin.weight.grad[1] == 0) and torch.all(lin.bias.grad[1] == 0)
+    rows = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])
+    ref = torch.stack([lin.weight[e] @ v + lin.bias[e] for e, v in zip(rows.tolist(), x)])
+    torch.testing.assert_close(lin(x, groups), ref)
+    # no gradient wanted for the input (first layer of a frozen stack): none computed
+    y = lin(x.detach(), groups)
+    assert y.requires_grad and torch.autograd.grad(y.sum(), lin.weight)[0].shape == lin.weight.shape
+
+
 def test_grouped_mm_path_matches_loop_path():
     """bf16 takes torch._grouped_mm; it must agree with the per-expert loop on the same rows."""
     if not hasattr(torch, "_grouped_mm"):
@@ -146,3 +166,23 @@ def test_capacity_train_and_eval_factors_are_separate():
     assert float(layer.last_stats["dropped_frac"]) > 0.5  # 4 experts x 4 slots for 64 tokens
     layer.eval()(x)
     assert float(layer.last_stats["dropped_frac"]) == 0.0
+
+
+@pytest.mark.parametrize("top_k,drop", [(1, 0.0), (2, 0.0), (1, 0.5)])
+def test_grouped_path_never_reads_device_data_on_the_host(top_k, drop):
+    """GPU requirement (no host synchronisation in routing, dispatch, losses and statistics), checked on CPU:
+    the meta device has no data, so every host read of device data (bincount, boolean masks, nonzero,
+    .tolist(), .item(), repeat_interleave without output_size) raises there. The bf16 path must run a whole
+    training step (forward, losses, statistics, backward) on meta tensors. (The fp32 path reads the split
+    sizes once, counts.tolist(), by design; padding removal reads the token count once.)"""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    cfg = MoEConfig(moe_expert_count=8, moe_clusters=2 if drop else 1, cluster_dropout=drop, moe_top_k=top_k)
+    layer = MoELayer(cfg, 16, 32).to(device="meta", dtype=torch.bfloat16).train()
+    x = torch.empty(64, 16, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    out = layer(x)
+    (out.float().sum() + sum(layer.last_losses.values())).backward()
+    assert out.shape == x.shape and layer.experts.fc1[0].weight.grad is not None
+    assert set(layer.last_stats) >= {"load_cv", "expert_load", "tokens"}
+    with pytest.raises(NotImplementedError):  # the premise: meta refuses a host read
+        torch.bincount(torch.zeros(3, dtype=torch.long, device="meta"))

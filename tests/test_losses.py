@@ -10,14 +10,22 @@ from fairseq_moec.modules import losses
 PROBS = torch.tensor([[0.7, 0.2, 0.05, 0.05],
                       [0.1, 0.1, 0.6, 0.2]])
 TOP1 = torch.tensor([[0], [2]])
+TOP1_COUNTS = losses.expert_counts(TOP1, 4)
+
+
+def test_expert_counts_by_hand():
+    assert TOP1_COUNTS.tolist() == [1, 0, 1, 0]
+    top2 = torch.tensor([[0, 3], [3, 1], [3, 0]])  # every choice counts, first and second
+    assert losses.expert_counts(top2, 5).tolist() == [2, 1, 0, 3, 0]
+    assert losses.expert_counts(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]
 
 
 def test_load_balance_by_hand():
     # f = [1/2, 0, 1/2, 0]; P = mean probs = [0.4, 0.15, 0.325, 0.125]
     # E * sum f*P = 4 * (0.5*0.4 + 0.5*0.325) = 4 * 0.3625 = 1.45
-    assert float(losses.load_balance_loss(PROBS, TOP1)) == pytest.approx(1.45)
+    assert float(losses.load_balance_loss(PROBS, TOP1_COUNTS)) == pytest.approx(1.45)
     uniform = torch.full((4, 4), 0.25)
-    assert float(losses.load_balance_loss(uniform, torch.arange(4)[:, None])) == pytest.approx(1.0)
+    assert float(losses.load_balance_loss(uniform, torch.ones(4, dtype=torch.long))) == pytest.approx(1.0)
 
 
 def test_load_balance_over_survivors_by_hand():
@@ -25,7 +33,7 @@ def test_load_balance_over_survivors_by_hand():
     probs = torch.tensor([[0.8, 0.0, 0.1, 0.1], [0.2, 0.0, 0.6, 0.2]])
     survivors = torch.tensor([True, False, True, True])
     # P = [0.5, 0, 0.35, 0.15]; f = [0.5, 0, 0.5, 0] -> 3 * (0.25 + 0.175) = 1.275
-    assert float(losses.load_balance_loss(probs, TOP1, survivors)) == pytest.approx(1.275)
+    assert float(losses.load_balance_loss(probs, TOP1_COUNTS, survivors)) == pytest.approx(1.275)
 
 
 def test_z_loss_by_hand():
@@ -63,10 +71,10 @@ def test_cluster_variances_over_survivors_by_hand():
 
 
 def test_load_statistics_by_hand():
-    cv, entropy = losses.load_statistics(TOP1, 4)
+    cv, entropy = losses.load_statistics(TOP1_COUNTS)
     # load [1, 0, 1, 0]: mean 0.5, std 0.5 -> cv 1; distribution [.5, 0, .5, 0] -> entropy ln 2
     assert float(cv) == pytest.approx(1.0)
     assert float(entropy) == pytest.approx(math.log(2))
-    cv, entropy = losses.load_statistics(torch.tensor([[0], [2], [3]]), 4, torch.tensor([True, False, True, True]))
-    assert float(cv) == pytest.approx(0.0)  # one token on each of the 3 survivors
+    cv, entropy = losses.load_statistics(torch.tensor([1, 5, 1, 1]), torch.tensor([True, False, True, True]))
+    assert float(cv) == pytest.approx(0.0)  # one token on each of the 3 survivors (the dropped expert's 5 ignored)
     assert float(entropy) == pytest.approx(math.log(3))

@@ -447,7 +447,7 @@ def test_configs_parse_with_fairseq_and_match_the_paper():
         cfg = flagfile.resolve(str(CONFIGS / f"{name}.flags"), [], gpus=8, verbose=False)
         args = options.parse_args_and_arch(options.get_training_parser(), [cfg.data] + cfg.argv())
         assert (args.optimizer, tuple(eval(args.adam_betas)), args.lr, args.lr_scheduler) == (
-            "adam", (0.9, 0.98), [5e-4], "inverse_sqrt"), name
+            "torch_adam", (0.9, 0.98), [5e-4], "inverse_sqrt"), name
         assert (args.warmup_updates, args.max_update, args.clip_norm, args.fp16) == (250, 32000, 0.1, True), name
         assert args.label_smoothing == 0.1 and args.share_all_embeddings, name
         assert args.max_tokens * args.update_freq[0] * 8 == 524288, name

@@ -53,12 +53,55 @@ class GroupedLinear(nn.Module):
             offsets, row_expert = groups.offsets, groups.row_expert
             y = torch._grouped_mm(x, self.weight.transpose(1, 2), offs=offsets)
             return y + self.bias[row_expert].to(y.dtype)
-        # unbind once: slicing the big parameter per expert would make autograd build a full-size gradient
-        # for every slice; unbind's backward stacks the per-expert gradients once.
-        weights, biases = self.weight.unbind(0), self.bias.unbind(0)
-        outs = [F.linear(chunk, weights[e], biases[e])
-                for e, chunk in enumerate(x.split(groups.counts)) if groups.counts[e] > 0]
-        return torch.cat(outs) if outs else x.new_zeros(0, self.weight.shape[1])
+        return _ExpertLoop.apply(x, self.weight, self.bias, groups.counts)
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ weight[e].T + bias[e], one matmul per expert, as ONE autograd node.
+
+    Why not per-expert F.linear on ``weight.unbind(0)``: unbind's backward keeps E weight gradients alive and
+    then stacks them into a fresh [E, out, in] tensor (a second full copy of the gradient per step), and the
+    outputs need a cat forward and a split backward. Here outputs are written in place into one buffer and each
+    expert's gradient straight into its slice of the parameter-shaped gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, counts: List[int]):
+        y = x.new_empty(x.shape[0], weight.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.addmm(bias[e], x[start:start + n], weight[e].t(), out=y[start:start + n])
+            start += n
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous()
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = weight.new_empty(weight.shape[:2]) if need_b else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n:
+                g = grad_y[start:start + n]
+                if need_x:
+                    torch.mm(g, weight[e], out=grad_x[start:start + n])
+                if need_w:
+                    torch.mm(g.t(), x[start:start + n], out=grad_w[e])
+                if need_b:
+                    torch.sum(g, 0, out=grad_b[e])
+            else:  # an expert with no rows: zero gradient (zeroing only these, not the whole buffer)
+                if need_w:
+                    grad_w[e].zero_()
+                if need_b:
+                    grad_b[e].zero_()
+            start += n
+        return grad_x, grad_w, grad_b, None
 
 
 class ExpertFFNs(nn.Module):

@@ -7,16 +7,23 @@ import torch
 EPS = 1e-9
 
 
-def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, survivors: Optional[torch.Tensor] = None) -> torch.Tensor:
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many routing choices (all k of them) went to each expert. Counted once per forward and
+    shared by dispatch, the balance loss and the statistics. scatter_add_ rather than torch.bincount, which on
+    CUDA reads its input's min and max back to the host."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor, survivors: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch Transformer balance loss E' * sum_e f_e * P_e over the E' surviving experts.
 
-    f_e: fraction of routing choices (all k of them) sent to e; P_e: mean router probability of e.
-    Equals 1 for a perfectly uniform router.
+    f_e: fraction of routing choices (all k of them) sent to e (``counts``, from ``expert_counts``);
+    P_e: mean router probability of e. Equals 1 for a perfectly uniform router.
     """
-    E = probs.shape[1]
-    f = torch.bincount(experts.reshape(-1), minlength=E).to(probs.dtype) / experts.numel()
+    f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
     P = probs.mean(0)
-    n = E if survivors is None else survivors.sum()
+    n = probs.shape[1] if survivors is None else survivors.sum()
     return n * (f * P).sum()
 
 
@@ -48,14 +55,15 @@ def cluster_loss(intra: torch.Tensor, inter: torch.Tensor, kind: str) -> torch.T
     return intra if kind == "intra" else intra / (inter + EPS)
 
 
-def load_statistics(experts: torch.Tensor, num_experts: int, survivors: Optional[torch.Tensor] = None
+def load_statistics(counts: torch.Tensor, survivors: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(cv, entropy) of the expert load over surviving experts: coefficient of variation of the token counts
-    (0 = perfectly even) and the entropy in nats of the load distribution (log E' = perfectly even)."""
-    load = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
-    if survivors is not None:
-        load = load[survivors]
-    cv = load.std(unbiased=False) / load.mean().clamp(min=EPS)
-    p = load / load.sum().clamp(min=EPS)
+    """(cv, entropy) of the expert load ``counts`` over surviving experts: coefficient of variation of the token
+    counts (0 = perfectly even) and the entropy in nats of the load distribution (log E' = perfectly even).
+    Dropped experts are masked out by weight, not by boolean indexing (which would read back to the host)."""
+    load = counts.float()
+    w = torch.ones_like(load) if survivors is None else survivors.to(load.dtype)
+    mean = (load * w).sum() / w.sum()
+    cv = ((load - mean).pow(2) * w).sum().div(w.sum()).sqrt() / mean.clamp(min=EPS)
+    p = load * w / (load * w).sum().clamp(min=EPS)
     entropy = -(p * p.clamp(min=EPS).log()).sum()
     return cv, entropy

@@ -19,25 +19,26 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[flo
 
 
 def dispatch_combine(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, num_experts: int,
-                     expert_fn, slots: Optional[int] = None):
+                     expert_fn, slots: Optional[int] = None, counts: Optional[torch.Tensor] = None):
     """out[t] = sum_j gates[t, j] * expert_{experts[t, j]}(x[t]) over the assignments that fit in capacity.
 
     Assignments are ordered choice-major (every token's first choice before any second choice, tokens in
     order), stably sorted by expert, and each expert keeps its first ``slots`` of them: GShard's priority.
     No one-hot [T, E, C] tensor: the cost is a sort plus the expert FFNs on the kept rows.
+    ``counts``: ``losses.expert_counts(experts, num_experts)`` if the caller has it already.
     Returns (out [T, d], kept [T, k] bool).
     """
     T, k = experts.shape
     flat_expert = experts.t().reshape(-1)
     order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=num_experts)
+    if counts is None:
+        counts = losses.expert_counts(experts, num_experts)
     if slots is not None:
         starts = counts.cumsum(0) - counts
         rank = torch.arange(T * k, device=x.device) - starts[flat_expert[order]]
         order = order[rank < slots]
         counts = counts.clamp(max=slots)
-    kept = torch.zeros(T * k, dtype=torch.bool, device=x.device)
-    kept[order] = True
+    kept = torch.zeros(T * k, dtype=torch.bool, device=x.device).index_fill_(0, order, True)
     token = order % T
     y = expert_fn(x[token], counts)
     y = y * gates.t().reshape(-1)[order, None].to(y.dtype)
@@ -85,16 +86,16 @@ class MoELayer(nn.Module):
         """x: [..., d]; padding_mask: bool, same leading shape as x, True at padding (excluded everywhere)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        keep = None if padding_mask is None else ~padding_mask.reshape(-1)
-        tokens = x if keep is None else x[keep]
+        # positions of the real tokens: one host read (the number of tokens), shared by gather and scatter
+        keep = None if padding_mask is None else (~padding_mask.reshape(-1)).nonzero().squeeze(1)
+        tokens = x if keep is None else x.index_select(0, keep)
         out_tokens, r = self._forward_tokens(tokens)
         if self.keep_routing:
-            positions = torch.arange(x.shape[0], device=x.device)
-            positions = positions if keep is None else positions[keep]
+            positions = torch.arange(x.shape[0], device=x.device) if keep is None else keep
             self.last_routing = (positions, r.experts.detach(), r.probs.detach())
         if keep is None:
             return out_tokens.view(shape)
-        return x.new_zeros(x.shape).index_put_((keep.nonzero().squeeze(1),), out_tokens).view(shape)
+        return x.new_zeros(x.shape).index_copy_(0, keep, out_tokens).view(shape)
 
     def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -106,14 +107,16 @@ class MoELayer(nn.Module):
         r = route(self.router(router_in), cfg.moe_top_k, cfg.cluster_size, survivors, cfg.cluster_dropout_reroute)
         factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor
         expert_fn = self.experts if self.expert_parallel is None else self._run_experts_remotely
-        out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor))
-        self._record(r, kept, survivors)
+        counts = losses.expert_counts(r.experts, E)
+        out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor),
+                                     counts)
+        self._record(r, kept, survivors, counts)
         return out, r
 
     def _run_experts_remotely(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return run_experts_remotely(rows, counts, self.experts, self.expert_parallel)
 
-    def _record(self, r, kept, survivors) -> None:
+    def _record(self, r, kept, survivors, counts) -> None:
         cfg = self.cfg
         if r.probs.shape[0] == 0:  # an all-padding batch: nothing to balance
             zero = r.probs.new_zeros(())
@@ -123,17 +126,17 @@ class MoELayer(nn.Module):
         intra, inter = losses.cluster_variances(losses.routing_mass(r.probs, cfg.moe_cluster_loss_norm),
                                                 cfg.moe_clusters, survivors)
         self.last_losses = {
-            "balance": losses.load_balance_loss(r.probs, r.experts, survivors),
+            "balance": losses.load_balance_loss(r.probs, counts, survivors),
             "cluster": (losses.cluster_loss(intra, inter, cfg.moe_cluster_loss) if cfg.moe_clusters > 1
                         else intra.new_zeros(())),
             "z": losses.router_z_loss(r.logits),
         }
         with torch.no_grad():
-            cv, entropy = losses.load_statistics(r.experts, cfg.moe_expert_count, survivors)
+            cv, entropy = losses.load_statistics(counts, survivors)
             self.last_stats = {
                 "load_cv": cv, "load_entropy": entropy,
                 "dropped_frac": 1.0 - kept.float().mean(), "rerouted_frac": r.rerouted.float().mean(),
                 "intra_var": intra.detach(), "inter_var": inter.detach(),
-                "tokens": r.probs.new_tensor(float(r.probs.shape[0])),
-                "expert_load": torch.bincount(r.experts.reshape(-1), minlength=cfg.moe_expert_count).float(),
+                "tokens": torch.full((), r.probs.shape[0], dtype=r.probs.dtype, device=r.probs.device),
+                "expert_load": counts.float(),
             }

@@ -1,0 +1,1 @@
+from .torch_adam import TorchAdam  # noqa: F401  (registration)
