@@ -24,7 +24,6 @@ count is checked against the number of test lines.
 import argparse
 import datetime
 import json
-import lzma
 import os
 import platform
 import re
@@ -38,6 +37,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PLUGIN = ROOT / "fairseq_moec"
+sys.path.insert(0, str(ROOT / "scripts"))
+from demo_tools import BUNDLED_CORPUS, read_lines  # noqa: E402  (the corpus helpers shared with the demo)
 
 
 def log(msg):
@@ -47,21 +48,6 @@ def log(msg):
 def cli(name):
     p = Path(sys.executable).parent / name
     return str(p) if p.exists() else (shutil.which(name) or name)
-
-
-def default_corpus():
-    for c in (ROOT / "data" / "bible-es-en", ROOT.parent / "shared" / "data" / "bible-es-en"):
-        if (c / "train.es").exists() or (c / "train.es.xz").exists():
-            return c
-    return None
-
-
-def read_lines(path):
-    path = Path(path)
-    if not path.exists() and Path(str(path) + ".xz").exists():
-        with lzma.open(str(path) + ".xz", "rt", encoding="utf-8") as f:
-            return f.read().splitlines()
-    return path.read_text(encoding="utf-8").splitlines()
 
 
 def env(args):
@@ -288,10 +274,7 @@ def main(argv=None):
         data_bin = Path(args.data_bin)
     else:
         if not args.raw_dir:
-            corpus = default_corpus()
-            if corpus is None:
-                raise SystemExit("no --data-bin, no --raw-dir and no bundled corpus (data/bible-es-en) found")
-            args.raw_dir = str(corpus)
+            args.raw_dir = str(BUNDLED_CORPUS)
         data_bin = build_data(args)
     for m in models:
         shutil.rmtree(Path(args.work) / "runs" / m, ignore_errors=True)

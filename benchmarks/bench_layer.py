@@ -209,23 +209,18 @@ def build_group(E, args, M, proto, peers, device, dtype):
                 backward([out, sum(m.last_losses.values())], [gout, None])
             cases.append(Case(name, "moec", E, k, G, drop, run_moec, layer.parameters()))
 
-    # prototype expert kernels on the same layer (top-1, G=1), sharing the experts' weights
-    if proto is not None and device.type == "cpu":
-        for name, patch, note in (
-                ("padbmm-k1", proto.patch_padded_bmm, "experts padded to the largest count, one baddbmm"),):
-            if not want(args, name):
-                continue
-            cfg = M.MoEConfig(moe_expert_count=E, moe_top_k=1)
-            layer = M.MoELayer(cfg, d, f).to(device, dtype)
-            if shared is not None:  # same weights, in module trees of its own (patching leaves them alone)
-                layer.router, layer.experts = shared.router, shallow_clone(shared.experts)
-            patch(layer)
-            layer.train()
+    # the padded-bmm prototype expert kernel on the same layer (top-1, G=1), sharing the experts' weights
+    if proto is not None and device.type == "cpu" and want(args, "padbmm-k1"):
+        layer = M.MoELayer(M.MoEConfig(moe_expert_count=E, moe_top_k=1), d, f).to(device, dtype)
+        if shared is not None:  # same weights, in module trees of its own (patching leaves them alone)
+            layer.router, layer.experts = shared.router, shallow_clone(shared.experts)
+        proto.patch_padded_bmm(layer).train()
 
-            def run_proto(m=layer):
-                out = m(leaf())
-                backward([out, sum(m.last_losses.values())], [gout, None])
-            cases.append(Case(name, "proto", E, 1, 1, 0.0, run_proto, layer.parameters(), note=note))
+        def run_proto(m=layer):
+            out = m(leaf())
+            backward([out, sum(m.last_losses.values())], [gout, None])
+        cases.append(Case("padbmm-k1", "proto", E, 1, 1, 0.0, run_proto, layer.parameters(),
+                          note="experts padded to the largest count, one baddbmm"))
 
     # peers: one ModuleList of E expert FFNs shared by all peer cases
     peer_experts = None
@@ -570,7 +565,7 @@ def main(argv=None):
     p.add_argument("--cases", default="", help="comma-separated case-name prefixes to run (default all)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--no-proto", action="store_true", help="skip the prototype expert kernels (CPU)")
+    p.add_argument("--no-proto", action="store_true", help="skip the prototype expert kernel (CPU)")
     p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
                    help="matmul floors and the weight-gradient write (cheap)")
     p.add_argument("--sync-check", action="store_true", help="CUDA: count host synchronisations of our layer")

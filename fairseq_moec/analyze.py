@@ -35,7 +35,7 @@ from .modules import losses
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Routing choices per expert: experts [T, k] (or [T]) -> float64 counts [E] (k choices per token)."""
-    return torch.bincount(experts.reshape(-1).long().cpu(), minlength=num_experts).double()
+    return losses.expert_counts(experts.long().cpu(), num_experts).double()
 
 
 def load_fractions(counts: torch.Tensor) -> torch.Tensor:
@@ -45,15 +45,11 @@ def load_fractions(counts: torch.Tensor) -> torch.Tensor:
 
 
 def load_cv_entropy(counts: torch.Tensor) -> Tuple[float, float]:
-    """(cv, entropy) of a load vector, as in training (``losses.load_statistics``): coefficient of variation of
-    the counts (population std / mean; 0 = perfectly even) and entropy in nats of the load distribution
-    (log E = perfectly even, 0 = everything on one expert)."""
-    counts = counts.double()
-    mean = counts.mean()
-    cv = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
-    p = load_fractions(counts)
-    entropy = float(-(p * p.clamp(min=losses.EPS).log()).sum())
-    return cv, entropy
+    """(cv, entropy) of a load vector, computed as in training (``losses.load_statistics``): coefficient of
+    variation of the counts (population std / mean; 0 = perfectly even) and entropy in nats of the load
+    distribution (log E = perfectly even, 0 = everything on one expert)."""
+    cv, entropy = losses.load_statistics(counts)
+    return float(cv), float(entropy)
 
 
 def cluster_of(num_experts: int, num_clusters: int) -> torch.Tensor:

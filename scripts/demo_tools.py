@@ -11,15 +11,28 @@
 """
 import hashlib
 import json
+import lzma
 import os
 import sys
+from pathlib import Path
 
 SPLITS = ("train", "valid", "test")
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "bible-es-en"
 SIDES = ("es", "en", "ref")
 
 
 class DemoError(Exception):
     pass
+
+
+def read_lines(path):
+    """The lines of PATH, or of PATH.xz when only the compressed copy exists (the bundled corpus ships as .xz).
+    Also imported by scripts/study.py and benchmarks/bench_e2e.py."""
+    path = Path(path)
+    if not path.exists() and Path(str(path) + ".xz").exists():
+        with lzma.open(str(path) + ".xz", "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    return path.read_text(encoding="utf-8").splitlines()
 
 
 def _count_lines(path):

@@ -32,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "fairseq_moec"
+sys.path.insert(0, str(ROOT / "scripts"))
+from demo_tools import BUNDLED_CORPUS, read_lines  # noqa: E402  (the corpus helpers shared with the demo)
+
 STAMP = "DONE"
 THREADS = 0  # --threads: torch intra-op threads of the fairseq commands (0 = inherit the environment)
 
@@ -127,24 +130,8 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def read_lines(path):
-    import lzma
-    path = Path(path)
-    if not path.exists() and Path(str(path) + ".xz").exists():
-        with lzma.open(str(path) + ".xz", "rt", encoding="utf-8") as f:
-            return f.read().splitlines()
-    return path.read_text(encoding="utf-8").splitlines()
-
-
 def key_of(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def default_corpus():
-    for c in (ROOT / "data" / "bible-es-en", ROOT.parent / "shared" / "data" / "bible-es-en"):
-        if (c / "train.es").exists() or (c / "train.es.xz").exists():
-            return c
-    return ROOT / "data" / "bible-es-en"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -575,7 +562,7 @@ def report(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "work" / "study"))
-    p.add_argument("--corpus", default=str(default_corpus()), help="dir with {train,valid,test}.{es,en}[.xz]")
+    p.add_argument("--corpus", default=str(BUNDLED_CORPUS), help="dir with {train,valid,test}.{es,en}[.xz]")
     p.add_argument("--reuse-demo", default=None, help="scripts/demo.sh work dir (e.g. work/demo) whose spm model and dictionary to reuse")
     p.add_argument("--train-pairs", type=int, default=1000, help="random training subset (0 = all 28,091 pairs)")
     p.add_argument("--valid-lines", type=int, default=300, help="random valid subset for the loss curve (0 = all 995)")
