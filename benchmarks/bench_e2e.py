@@ -130,8 +130,8 @@ def model_args(args, kind):
             "--moe-encoder-layers", args.moe_layers, "--moe-decoder-layers", args.moe_layers,
             "--moe-expert-count", E, "--moe-clusters", G, "--moe-top-k", "1",
             "--cluster-dropout", "0.5", "--cluster-dropout-interval", "250",
-            "--moe-cluster-loss", "intra", "--moe-cluster-loss-norm", "mean",
-            "--moe-balance-weight", "0.01", "--moe-cluster-weight", str(round(0.01 * int(E) ** 2, 4))] + common
+            "--moe-cluster-loss", "intra",
+            "--moe-balance-weight", "0.01", "--moe-cluster-weight", "0.01"] + common
 
 
 def criterion_args(kind):

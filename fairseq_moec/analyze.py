@@ -87,10 +87,10 @@ def chance_co_routing(num_experts: int, num_clusters: int) -> Optional[float]:
 
 
 def cluster_mass_variances(mean_probs: torch.Tensor, num_clusters: int) -> Tuple[float, float]:
-    """(intra, inter) of the routing mass m_e (mean router probability of each expert over the tokens), with
-    the training definition (``losses.cluster_variances``): mean over clusters of the variance of m_e inside the
-    cluster, and the variance of the cluster means."""
-    intra, inter = losses.cluster_variances(mean_probs.double(), num_clusters)
+    """(intra, inter) of the relative routing mass E * m_e (m_e: mean router probability of each expert over the
+    tokens), as the training logs them (``losses.cluster_variances``): mean over clusters of the variance of
+    E * m_e inside the cluster, and the variance of the cluster means."""
+    intra, inter = losses.cluster_variances(mean_probs.double() * mean_probs.numel(), num_clusters)
     return float(intra), float(inter)
 
 

@@ -74,10 +74,11 @@ def test_co_routing_by_hand():
 def test_cluster_mass_variances_by_hand():
     # mean router probability per expert: column sums (2.05, 1.35, 1.05, 1.55) / 6
     # C0: (2.05, 1.35)/6, half-difference 0.35/6 -> variance 0.1225/36; C1: (1.05, 1.55)/6 -> 0.0625/36
-    # intra = mean = 0.185/72 = 0.0025694; cluster means 3.4/12 and 2.6/12 around 0.25 -> inter = (0.4/12)^2
+    # relative masses 4 * m_e = (8.2, 5.4, 4.2, 6.2) / 6: intra = ((1.4/6)^2 + (1/6)^2) / 2 = 2.96 / 72;
+    # cluster means 13.6/12 and 10.4/12 around 1 -> inter = (1.6/12)^2
     intra, inter = A.cluster_mass_variances(PROBS.mean(0), 2)
-    assert intra == pytest.approx(0.185 / 72)
-    assert inter == pytest.approx((0.4 / 12) ** 2)
+    assert intra == pytest.approx(2.96 / 72)
+    assert inter == pytest.approx((1.6 / 12) ** 2)
 
 
 def test_positions_map_to_time_major_tokens():
@@ -113,7 +114,7 @@ def test_accumulating_over_batches_equals_one_batch():
     assert a["tokens"] == 6 and a["load_counts"] == [3, 1, 1, 1]
     assert a["co_routing_rate"] == pytest.approx(4 / 6) and a["co_routing_chance"] == pytest.approx(1 / 3)
     assert a["cluster_loads"] == pytest.approx([2 / 3, 1 / 3])
-    assert a["intra_var"] == pytest.approx(0.185 / 72) and a["inter_var"] == pytest.approx((0.4 / 12) ** 2)
+    assert a["intra_var"] == pytest.approx(2.96 / 72) and a["inter_var"] == pytest.approx((1.6 / 12) ** 2)
     assert a["routing_mass"] == pytest.approx([2.05 / 6, 1.35 / 6, 1.05 / 6, 1.55 / 6])
     assert a["load_entropy_max"] == pytest.approx(math.log(4))
     assert a["effective_experts"] == pytest.approx(math.sqrt(12))  # exp(0.5 ln 2 + 0.5 ln 6) = sqrt(12) = 3.46

@@ -46,18 +46,27 @@ def test_z_loss_by_hand():
 
 
 def test_cluster_variances_by_hand():
-    mass = losses.routing_mass(PROBS, "mean")  # [0.4, 0.15, 0.325, 0.125]
+    mass = losses.routing_mass(PROBS, "relative")  # E * mean p = 4 * [0.4, 0.15, 0.325, 0.125]
+    assert mass.tolist() == pytest.approx([1.6, 0.6, 1.3, 0.5])
     intra, inter = losses.cluster_variances(mass, 2)
-    # cluster 0: mean 0.275, var (0.125^2 + 0.125^2)/2 = 0.015625
-    # cluster 1: mean 0.225, var (0.1^2 + 0.1^2)/2 = 0.01       -> intra = 0.0128125
-    # cluster means 0.275, 0.225 around 0.25 -> inter = 0.025^2 = 0.000625
-    assert float(intra) == pytest.approx(0.0128125)
-    assert float(inter) == pytest.approx(0.000625)
-    assert float(losses.cluster_loss(intra, inter, "intra")) == pytest.approx(0.0128125)
+    # cluster 0: mean 1.1, var (0.5^2 + 0.5^2)/2 = 0.25
+    # cluster 1: mean 0.9, var (0.4^2 + 0.4^2)/2 = 0.16       -> intra = 0.205
+    # cluster means 1.1, 0.9 around 1 -> inter = 0.1^2 = 0.01
+    assert float(intra) == pytest.approx(0.205)
+    assert float(inter) == pytest.approx(0.01)
+    assert float(losses.cluster_loss(intra, inter, "intra")) == pytest.approx(0.205)
     assert float(losses.cluster_loss(intra, inter, "ratio")) == pytest.approx(20.5, rel=1e-5)
-    # 'sum' normalisation (official code) multiplies the mass by T=2, the variances by 4
-    intra_sum, _ = losses.cluster_variances(losses.routing_mass(PROBS, "sum"), 2)
-    assert float(intra_sum) == pytest.approx(4 * 0.0128125)
+
+
+def test_official_cluster_term_by_hand():
+    # summed masses [0.8, 0.3, 0.65, 0.25]; unbiased variances: cluster 0 (0.25^2 * 2) / 1 = 0.125,
+    # cluster 1 (0.2^2 * 2) / 1 = 0.08 -> mean 0.1025; times E' = 4 (the factor inside l_aux) -> 0.41
+    loss, intra, inter = losses.cluster_terms(PROBS, 2, "intra", "official")
+    assert float(loss) == pytest.approx(0.41)
+    assert (float(intra), float(inter)) == pytest.approx((0.205, 0.01))  # logged on the relative scale
+    # the stated conversion: official = relative * T^2 / E' * m / (m - 1) = 0.205 * 4 / 4 * 2
+    assert losses.official_equivalent_weight(1.0, tokens=2, num_clusters=2, surviving_per_cluster=2) == 2.0
+    assert float(losses.cluster_terms(PROBS, 2, "intra", "relative")[0]) * 2.0 == pytest.approx(0.41)
 
 
 def test_cluster_variances_over_survivors_by_hand():

@@ -29,19 +29,19 @@ EXPERTS = torch.tensor([[0], [1], [3], [2], [0], [0]])  # argmax of each row: lo
 # f = (3, 1, 1, 1) / 6.
 # balance = E * sum_e f_e P_e = 4 * (3 * 2.05 + 1.35 + 1.05 + 1.55) / 36 = 4 * 10.1 / 36 = 1.12222
 BALANCE = 4 * 10.1 / 36
-# mean norm: C0 = (2.05, 1.35)/6 -> variance (0.35/6)^2; C1 = (1.05, 1.55)/6 -> (0.25/6)^2
-# intra = (0.1225 + 0.0625) / 2 / 36 = 0.185 / 72; cluster means 3.4/12, 2.6/12 around 3/12 -> inter = (0.4/12)^2
-INTRA, INTER = 0.185 / 72, (0.4 / 12) ** 2
+# relative masses E * mean p = (8.2, 5.4, 4.2, 6.2) / 6: C0 variance (1.4/6)^2, C1 variance (1/6)^2
+# intra = (1.96 + 1) / 2 / 36 = 2.96 / 72; cluster means 13.6/12, 10.4/12 around 1 -> inter = (1.6/12)^2
+INTRA, INTER = 2.96 / 72, (1.6 / 12) ** 2
 # load (3, 1, 1, 1): cv = sqrt(0.75) / 1.5 = 1/sqrt(3); entropy = 0.5 ln 2 + 0.5 ln 6 nats
 CV, ENTROPY = 1 / math.sqrt(3), 0.5 * math.log(2) + 0.5 * math.log(6)
 
 
 def test_loss_functions_on_the_fixed_routing():
     assert float(losses.load_balance_loss(PROBS, losses.expert_counts(EXPERTS, 4))) == pytest.approx(BALANCE)
-    intra, inter = losses.cluster_variances(losses.routing_mass(PROBS, "mean"), 2)
+    intra, inter = losses.cluster_variances(losses.routing_mass(PROBS, "relative"), 2)
     assert (float(intra), float(inter)) == pytest.approx((INTRA, INTER))
-    # sum norm (official code): masses 6x larger, variances 36x larger
-    intra_s, inter_s = losses.cluster_variances(losses.routing_mass(PROBS, "sum"), 2)
+    # summed masses (official code): (2.05, 1.35, 1.05, 1.55), population variances 0.1225 and 0.0625
+    intra_s, inter_s = losses.cluster_variances(losses.routing_mass(PROBS, "official"), 2)
     assert (float(intra_s), float(inter_s)) == pytest.approx((0.0925, 0.04))
     assert float(losses.cluster_loss(intra, inter, "ratio")) == pytest.approx(INTRA / INTER)  # = 2.3125
     assert INTRA / INTER == pytest.approx(2.3125)
@@ -128,11 +128,11 @@ def test_criterion_logs_sample_size_weighted_means():
     assert float(log1["loss"]) == pytest.approx(10 * math.log(8), rel=1e-5)
     assert float(log1["moe_loss"]) == pytest.approx(10 * moe1, rel=1e-5)
     assert float(loss1.detach()) == pytest.approx(10 * math.log(8) + 10 * moe1, rel=1e-5)
-    # PROBS2: P = (0.1, 0.1, 0.7, 0.1), f = (0, 0, 1, 0): balance = 4 * 0.7 = 2.8; masses equal within C0
-    # (0, variance 0) and C1 = (0.7, 0.1) -> variance 0.09: intra = 0.045; cluster means 0.1, 0.4 -> inter 0.0225
+    # PROBS2: P = (0.1, 0.1, 0.7, 0.1), f = (0, 0, 1, 0): balance = 4 * 0.7 = 2.8; relative masses equal within C0
+    # (0.4, 0.4: variance 0) and C1 = (2.8, 0.4) -> variance 1.44: intra = 0.72; cluster means 0.4, 1.6 -> inter 0.36
     assert float(log2["moe_enc1_balance"]) == pytest.approx(2.8 * 30, rel=1e-5)
-    assert float(log2["moe_enc1_intra_var"]) == pytest.approx(0.045 * 30, rel=1e-5)
-    assert float(log2["moe_enc1_inter_var"]) == pytest.approx(0.0225 * 30, rel=1e-5)
+    assert float(log2["moe_enc1_intra_var"]) == pytest.approx(0.72 * 30, rel=1e-5)
+    assert float(log2["moe_enc1_inter_var"]) == pytest.approx(0.36 * 30, rel=1e-5)
     assert float(log2["moe_enc1_load_entropy"]) == pytest.approx(0.0, abs=1e-6)
 
     with metrics.aggregate(new_root=True) as agg:
@@ -142,13 +142,13 @@ def test_criterion_logs_sample_size_weighted_means():
         "moe_enc1_load_cv": (CV * 10 + math.sqrt(3) * 30) / 40,  # 1.443376
         "moe_enc1_load_entropy": (ENTROPY * 10 + 0.0 * 30) / 40,  # 0.310613
         "moe_enc1_balance": (BALANCE * 10 + 2.8 * 30) / 40,  # 2.380556
-        "moe_enc1_intra_var": (INTRA * 10 + 0.045 * 30) / 40,  # 0.034392
-        "moe_enc1_inter_var": (INTER * 10 + 0.0225 * 30) / 40,  # 0.017153
-        "moe_enc1_cluster": (INTRA * 10 + 0.045 * 30) / 40,
+        "moe_enc1_intra_var": (INTRA * 10 + 0.72 * 30) / 40,  # 0.550278
+        "moe_enc1_inter_var": (INTER * 10 + 0.36 * 30) / 40,  # 0.274444
+        "moe_enc1_cluster": (INTRA * 10 + 0.72 * 30) / 40,
         "moe_enc1_z": 0.0,
         "moe_enc1_dropped_frac": 0.0,
         "moe_enc1_rerouted_frac": 0.0,
-        "moe_loss": (10 * moe1 + 30 * (0.01 * 2.8 + 0.1 * 0.045)) / 40,
+        "moe_loss": (10 * moe1 + 30 * (0.01 * 2.8 + 0.1 * 0.72)) / 40,
     }
     assert expected["moe_enc1_load_cv"] == pytest.approx(1.443376, abs=1e-6)
     for key, value in expected.items():

@@ -16,7 +16,7 @@ ROUTING_STATS = ("load_cv", "load_entropy", "dropped_frac", "rerouted_frac", "in
 @dataclass
 class MoECCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
     moe_balance_weight: float = field(default=0.01, metadata={"help": "weight of the Switch load-balance loss"})
-    moe_cluster_weight: float = field(default=0.01, metadata={"help": "weight of the cluster variance loss (only layers with --moe-clusters > 1)"})
+    moe_cluster_weight: float = field(default=0.01, metadata={"help": "weight of the cluster variance loss (only layers with --moe-clusters > 1). With the default --moe-cluster-loss-norm relative it means the same at every --moe-expert-count and batch size; 0.01 = the MoEC paper's gate-loss weight 0.01 x variance coefficient 1.0"})
     moe_z_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss (ST-MoE); 0 = off"})
 
 

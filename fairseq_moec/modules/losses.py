@@ -32,20 +32,33 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
-def routing_mass(probs: torch.Tensor, norm: str) -> torch.Tensor:
-    """m_e: router probability mass of each expert, mean over tokens or (official MoEC code) sum."""
-    return probs.mean(0) if norm == "mean" else probs.sum(0)
+def num_survivors(probs: torch.Tensor, survivors: Optional[torch.Tensor] = None):
+    """E': the number of experts routing can choose (all E without cluster dropout). A tensor when survivors are
+    given, so that no value is read back to the host."""
+    return probs.shape[1] if survivors is None else survivors.sum()
 
 
-def cluster_variances(mass: torch.Tensor, num_clusters: int, survivors: Optional[torch.Tensor] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(intra, inter): mean over clusters of the population variance of m_e inside the cluster (survivors only),
-    and the population variance of the cluster means."""
+def routing_mass(probs: torch.Tensor, norm: str, survivors: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """m_e, the routing mass of each expert.
+
+    'relative' (default): E' * mean over tokens of p_e. Every surviving expert of a uniform router has mass 1,
+    whatever E and the number of tokens T, so the cluster loss and its weight mean the same at every scale.
+    'official': sum over tokens of p_e, as the official MoEC code (so its variance grows with T^2)."""
+    if norm == "official":
+        return probs.sum(0)
+    return probs.mean(0) * num_survivors(probs, survivors)
+
+
+def cluster_variances(mass: torch.Tensor, num_clusters: int, survivors: Optional[torch.Tensor] = None,
+                      unbiased: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(intra, inter): mean over clusters of the variance of m_e inside the cluster (survivors only; population
+    variance, or the unbiased n-1 form of the official code), and the population variance of the cluster means."""
     m = mass.view(num_clusters, -1)
     w = torch.ones_like(m) if survivors is None else survivors.view(num_clusters, -1).to(m.dtype)
     n = w.sum(1)
     mean = (m * w).sum(1) / n
-    intra = ((m - mean[:, None]).pow(2) * w).sum(1) / n
+    denominator = (n - 1).clamp(min=1) if unbiased else n
+    intra = ((m - mean[:, None]).pow(2) * w).sum(1) / denominator
     inter = (mean - mean.mean()).pow(2).mean()
     return intra.mean(), inter
 
@@ -53,6 +66,30 @@ def cluster_variances(mass: torch.Tensor, num_clusters: int, survivors: Optional
 def cluster_loss(intra: torch.Tensor, inter: torch.Tensor, kind: str) -> torch.Tensor:
     """'intra': experts of a cluster routed alike. 'ratio': the same relative to how much clusters differ."""
     return intra if kind == "intra" else intra / (inter + EPS)
+
+
+def cluster_terms(probs: torch.Tensor, num_clusters: int, kind: str, norm: str,
+                  survivors: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, intra, inter) of the cluster variance loss; intra and inter always on the 'relative' scale, for the
+    logs. norm 'official' reproduces the official code's term: unbiased variance of summed masses, times the E'
+    inside its aux loss l_aux = E' * (L_balance + c * V). Its size relative to the default is
+    T^2 / E' * m / (m - 1) (m: surviving experts per cluster), see ``official_equivalent_weight``."""
+    intra, inter = cluster_variances(routing_mass(probs, "relative", survivors), num_clusters, survivors)
+    if norm == "official":
+        official, _ = cluster_variances(routing_mass(probs, "official"), num_clusters, survivors, unbiased=True)
+        return num_survivors(probs, survivors) * cluster_loss(official, inter, kind), intra, inter
+    return cluster_loss(intra, inter, kind), intra, inter
+
+
+def official_equivalent_weight(official_weight: float, tokens: int, num_clusters: int, surviving_per_cluster: int
+                               ) -> float:
+    """The --moe-cluster-weight that, with the default 'relative' norm, gives the official code's intra-cluster
+    term (weight ``official_weight`` = 0.01 x c) at ``tokens`` routed tokens per forward:
+    w_official * T^2 / E' * m / (m - 1), with m surviving experts per cluster and E' = G * m. Summed masses are
+    T / E' times the relative ones, the unbiased variance is m / (m - 1) times the population one, and l_aux
+    multiplies by E'."""
+    m = surviving_per_cluster
+    return official_weight * tokens ** 2 / (num_clusters * m) * (m / (m - 1) if m > 1 else 1.0)
 
 
 def load_statistics(counts: torch.Tensor, survivors: Optional[torch.Tensor] = None

@@ -123,12 +123,11 @@ class MoELayer(nn.Module):
             self.last_losses = {"balance": zero, "cluster": zero, "z": zero}
             self.last_stats = {}
             return
-        intra, inter = losses.cluster_variances(losses.routing_mass(r.probs, cfg.moe_cluster_loss_norm),
-                                                cfg.moe_clusters, survivors)
+        cluster, intra, inter = losses.cluster_terms(r.probs, cfg.moe_clusters, cfg.moe_cluster_loss,
+                                                     cfg.moe_cluster_loss_norm, survivors)
         self.last_losses = {
             "balance": losses.load_balance_loss(r.probs, counts, survivors),
-            "cluster": (losses.cluster_loss(intra, inter, cfg.moe_cluster_loss) if cfg.moe_clusters > 1
-                        else intra.new_zeros(())),
+            "cluster": cluster if cfg.moe_clusters > 1 else cluster.new_zeros(()),
             "z": losses.router_z_loss(r.logits),
         }
         with torch.no_grad():
