@@ -27,7 +27,8 @@ def test_training_resamples_the_masks_every_interval_updates(tiny_corpus, tmp_pa
     run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, "--cluster-dropout-interval", str(INTERVAL),
          "--max-update", str(UPDATES), "--save-interval-updates", str(SAVE_EVERY), "--save-dir", tmp_path])
 
-    schedules = {u: saved_schedule(tmp_path / f"checkpoint_1_{u}.pt") for u in range(SAVE_EVERY, UPDATES + 1, SAVE_EVERY)}
+    saved_at = range(SAVE_EVERY, UPDATES + 1, SAVE_EVERY)
+    schedules = {u: saved_schedule(tmp_path / f"checkpoint_1_{u}.pt") for u in saved_at}
     # after updates 2, 4, 6 the last update was numbered 1, 3, 5: periods 0, 1, 2
     assert {u: sorted({p for p, _ in s.values()}) for u, s in schedules.items()} == {2: [0], 4: [1], 6: [2]}
     for s in schedules.values():
