@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # The demo: train and evaluate a small MoEC Transformer (Spanish -> English) on the bundled Bible corpus, on CPU,
 # with no download. One command (`make demo`, or `bash scripts/demo.sh` with the project venv on PATH).
+# The same pipeline trains on your own parallel text, any language pair:
+#   DEMO_CORPUS=DIR DEMO_SRC=de DEMO_TGT=fr bash scripts/demo.sh   (DIR holds {train,valid,test}.{de,fr}[.xz|.gz])
 #
 # Steps (each one writes under temporary names and writes its stamp file last, so a finished step is skipped by
 # the next run and an interrupted one is redone; training resumes from checkpoint_last.pt). Stamps: the data steps
 # in $DEMO_DIR/stamps/, the model steps in $DEMO_DIR/<profile>-<hash of the training settings>/stamps/.
-#   corpus      decompress data/bible-es-en/*.xz to $DEMO_DIR/corpus and check it (aligned, no empty line, sha256)
-#   spm         joint sentencepiece unigram model (DEMO_VOCAB pieces) on train.es + train.en
+#   corpus      decompress the corpus to $DEMO_DIR/corpus and check it (aligned, no empty line, sha256)
+#   spm         joint sentencepiece unigram model (DEMO_VOCAB pieces) on train.SRC + train.TGT
 #   encode      sentencepiece-encode every split
-#   preprocess  fairseq-preprocess --joined-dictionary
+#   preprocess  fairseq-preprocess --source-lang SRC --target-lang TGT --joined-dictionary
 #   train       fairseq-train, a fixed number of updates (DEMO_UPDATES)
 #   generate    fairseq-generate on EVERY test line (fails unless #hypotheses == #test lines), spm-decode, reorder
-#   score       sacrebleu BLEU and chrF (13a tokenisation) with signatures -> results.txt / results.json
+#   score       sacrebleu BLEU (tokenizer: sacrebleu's for the target language, 13a for most) and chrF with
+#               signatures -> results.txt / results.json
 #
 # Settings (environment variables; defaults in brackets, "long" profile values after the slash):
-#   DEMO_DIR [work/demo]   DEMO_CORPUS [data/bible-es-en: *.xz or plain files {train,valid,test}.{es,en,ref}]
+#   DEMO_CORPUS [data/bible-es-en]: files {train,valid,test}.{SRC,TGT}, each plain, .xz or .gz, aligned line by
+#               line; optional {train,valid,test}.ref (unique ids) and SHA256SUMS (sha256sum format)
+#   DEMO_SRC [es]  DEMO_TGT [en]   language codes: the corpus' file suffixes (letters, digits, '_')
+#   DEMO_DIR [work/demo for es-en, work/demo-SRC-TGT otherwise; relative to the project root]
+#   DEMO_BLEU_TOKENIZE [""]  a sacrebleu tokenizer for BLEU instead of the target language's default
 #   DEMO_PROFILE [default | long: trains to convergence, validation every 250 updates, early stopping]
 #   DEMO_UPDATES [430 / 2000]  DEMO_LR [2e-3 / 2e-3]  DEMO_WARMUP [150 / 300]  DEMO_DROPOUT [0.1 / 0.2]
 #   DEMO_MAX_TOKENS [6000]  DEMO_LAYERS [3]  DEMO_DIM [256]  DEMO_FFN [1024]  DEMO_HEADS [4]  DEMO_VOCAB [8000]
@@ -30,7 +37,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
-die() { echo "[demo] ERROR: $*" >&2; exit 1; }
+die() { echo "demo.sh: error: $*" >&2; exit 1; }
 log() { echo "[demo] $*" >&2; }
 
 if ! command -v fairseq-train >/dev/null 2>&1 && [ -x "$ROOT/.venv/bin/fairseq-train" ]; then
@@ -46,8 +53,12 @@ case "$PROFILE" in
   long)    D_UPDATES=2000;  D_LR=2e-3; D_WARMUP=300;  D_DROPOUT=0.2; D_BEAM=5; D_SAVE=250 ;;
   *) die "DEMO_PROFILE must be 'default' or 'long', got '$PROFILE'" ;;
 esac
-DIR=${DEMO_DIR:-work/demo}
+SRC=${DEMO_SRC:-es}
+TGT=${DEMO_TGT:-en}
 CORPUS=${DEMO_CORPUS:-data/bible-es-en}
+if [ "$SRC-$TGT" = es-en ]; then D_DIR=work/demo; else D_DIR=work/demo-$SRC-$TGT; fi
+DIR=${DEMO_DIR:-$D_DIR}
+BLEU_TOKENIZE=${DEMO_BLEU_TOKENIZE:-}
 UPDATES=${DEMO_UPDATES:-$D_UPDATES}
 LR=${DEMO_LR:-$D_LR}
 WARMUP=${DEMO_WARMUP:-$D_WARMUP}
@@ -71,8 +82,40 @@ SAVE_INTERVAL=${DEMO_SAVE_INTERVAL:-$D_SAVE}
 EXTRA_TRAIN_ARGS=${DEMO_TRAIN_ARGS:-}
 EXTRA_GEN_ARGS=${DEMO_GEN_ARGS:-}
 STOP_AFTER=${DEMO_STOP_AFTER:-}
-case "$STOP_AFTER" in ""|corpus|spm|encode|preprocess|train|generate) ;; *) die "DEMO_STOP_AFTER: unknown step '$STOP_AFTER'" ;; esac
+case "$STOP_AFTER" in
+  ""|corpus|spm|encode|preprocess|train|generate) ;;
+  *) die "DEMO_STOP_AFTER: unknown step '$STOP_AFTER' (corpus, spm, encode, preprocess, train or generate)" ;;
+esac
+
+# --- every setting is checked here, before any work -----------------------------------------------------------
+int_setting() {  # int_setting VAR VALUE MIN
+  [[ $2 =~ ^[0-9]+$ ]] && [ "${#2}" -le 9 ] && [ "$2" -ge "$3" ] \
+    || die "$1 must be an integer >= $3 (at most 9 digits), got '$2'"
+}
+for v in UPDATES:$UPDATES MAX_TOKENS:$MAX_TOKENS LAYERS:$LAYERS DIM:$DIM FFN:$FFN HEADS:$HEADS VOCAB:$VOCAB \
+         EXPERTS:$EXPERTS CLUSTERS:$CLUSTERS DROPOUT_INTERVAL:$CDROP_INTERVAL BEAM:$BEAM GEN_BATCH:$GEN_BATCH \
+         SAVE_INTERVAL:$SAVE_INTERVAL; do
+  int_setting "DEMO_${v%%:*}" "${v#*:}" 1
+done
+int_setting DEMO_WARMUP "$WARMUP" 0
+int_setting DEMO_SEED "$SEED" 0
+prob_setting() {  # prob_setting VAR VALUE: a number in [0, 1)
+  [[ $2 =~ ^(0(\.[0-9]*)?|\.[0-9]+)$ ]] || die "$1 must be a number in [0, 1), got '$2'"
+}
+prob_setting DEMO_DROPOUT "$DROPOUT"
+prob_setting DEMO_CLUSTER_DROPOUT "$CDROP"
+[[ $LR =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && [[ ! $LR =~ ^[0.]+([eE].*)?$ ]] \
+  || die "DEMO_LR must be a positive number (e.g. 2e-3), got '$LR'"
+"$PY" "$TOOLS" check-langs --src "$SRC" --tgt "$TGT" ${BLEU_TOKENIZE:+--tokenize "$BLEU_TOKENIZE"} || exit 1
+# sentencepiece and fairseq-preprocess split file lists on ',', fairseq splits data and checkpoint paths on ':'
+case "$DIR" in /*) ABS_DIR=$DIR ;; *) ABS_DIR=$ROOT/$DIR ;; esac
+case "$ABS_DIR" in
+  *,*|*:*|*$'\n'*) die "the demo directory '$ABS_DIR' (DEMO_DIR) contains ',', ':' or a newline, which fairseq \
+and sentencepiece read as list separators: choose a path without them" ;;
+esac
 [ -d "$CORPUS" ] || die "corpus directory $CORPUS not found (DEMO_CORPUS)"
+# the key of the corpus step; also fails here, before any work, when a corpus file is missing
+KEY_CORPUS=$("$PY" "$TOOLS" corpus-key "$CORPUS" --src "$SRC" --tgt "$TGT") || exit 1
 
 mkdir -p "$DIR/stamps"
 DIR=$(cd "$DIR" && pwd)
@@ -92,7 +135,7 @@ CURRENT_STEP=""
 on_exit() {
   local rc=$?
   if [ "$rc" -ne 0 ] && [ -n "$CURRENT_STEP" ]; then
-    echo "[demo] ERROR: step $CURRENT_STEP failed (exit $rc); it is not marked done: fix the cause and rerun" >&2
+    echo "demo.sh: error: step $CURRENT_STEP failed (exit $rc); it is not marked done: fix the cause and rerun" >&2
   fi
 }
 trap on_exit EXIT
@@ -125,30 +168,12 @@ run_step() {
 }
 
 SPLITS="train valid test"
-FILES=""
-for s in $SPLITS; do for l in es en ref; do FILES="$FILES $s.$l"; done; done
 
 # --- 1. corpus -------------------------------------------------------------------------------------------
-corpus_source() {  # the path of one corpus file: NAME.xz or NAME
-  if [ -f "$CORPUS/$1.xz" ]; then echo "$CORPUS/$1.xz"; elif [ -f "$CORPUS/$1" ]; then echo "$CORPUS/$1"; fi
-}
-missing=""
-for f in $FILES; do [ -n "$(corpus_source "$f")" ] || missing="$missing $f"; done
-[ -z "$missing" ] || die "corpus $CORPUS lacks$missing (want {train,valid,test}.{es,en,ref}, plain or .xz)"
-KEY_CORPUS=$( { for f in $FILES; do echo "$f"; cat "$(corpus_source "$f")"; done; \
-                [ -f "$CORPUS/SHA256SUMS" ] && cat "$CORPUS/SHA256SUMS"; true; } | hash)
 do_corpus() {
   rm -rf "$DIR/corpus" "$DIR/corpus.tmp"
-  mkdir -p "$DIR/corpus.tmp"
-  for f in $FILES; do
-    src=$(corpus_source "$f")
-    case "$src" in
-      *.xz) xz -dc "$src" > "$DIR/corpus.tmp/$f" || die "cannot decompress $src" ;;
-      *) cp "$src" "$DIR/corpus.tmp/$f" ;;
-    esac
-  done
-  [ -f "$CORPUS/SHA256SUMS" ] && cp "$CORPUS/SHA256SUMS" "$DIR/corpus.tmp/"
-  "$PY" "$TOOLS" check-corpus "$DIR/corpus.tmp" || die "the corpus in $CORPUS is not usable (see above)"
+  "$PY" "$TOOLS" prepare-corpus "$CORPUS" "$DIR/corpus.tmp" --src "$SRC" --tgt "$TGT" \
+    || die "the corpus in $CORPUS is not usable (see above)"
   mv "$DIR/corpus.tmp" "$DIR/corpus"
 }
 run_step corpus "$KEY_CORPUS" do_corpus
@@ -158,8 +183,8 @@ KEY_SPM=$(echo "$KEY_CORPUS spm unigram $VOCAB" | hash)
 do_spm() {
   rm -rf "$DIR/spm" "$DIR/spm.tmp"
   mkdir -p "$DIR/spm.tmp"
-  log "training a joint $VOCAB-piece unigram sentencepiece model on train.es + train.en"
-  "$PY" "$TOOLS" spm-train "$DIR/spm.tmp/spm" "$VOCAB" "$DIR/corpus/train.es" "$DIR/corpus/train.en"
+  log "training a joint $VOCAB-piece unigram sentencepiece model on train.$SRC + train.$TGT"
+  "$PY" "$TOOLS" spm-train "$DIR/spm.tmp/spm" "$VOCAB" "$DIR/corpus/train.$SRC" "$DIR/corpus/train.$TGT"
   mv "$DIR/spm.tmp" "$DIR/spm"
 }
 run_step spm "$KEY_SPM" do_spm
@@ -169,7 +194,7 @@ KEY_ENC=$(echo "$KEY_SPM encode" | hash)
 do_encode() {
   rm -rf "$DIR/tok" "$DIR/tok.tmp"
   mkdir -p "$DIR/tok.tmp"
-  for s in $SPLITS; do for l in es en; do
+  for s in $SPLITS; do for l in "$SRC" "$TGT"; do
     log "  encoding $s.$l"
     "$PY" "$TOOLS" spm-encode "$DIR/spm/spm.model" "$DIR/corpus/$s.$l" "$DIR/tok.tmp/$s.$l"
   done; done
@@ -181,7 +206,7 @@ run_step encode "$KEY_ENC" do_encode
 KEY_BIN=$(echo "$KEY_ENC preprocess joined" | hash)
 do_preprocess() {
   rm -rf "$DIR/bin" "$DIR/bin.tmp"
-  fairseq-preprocess --source-lang es --target-lang en --joined-dictionary \
+  fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --joined-dictionary \
     --trainpref "$DIR/tok/train" --validpref "$DIR/tok/valid" --testpref "$DIR/tok/test" \
     --destdir "$DIR/bin.tmp" --workers 2 >&2
   mv "$DIR/bin.tmp" "$DIR/bin"
@@ -190,7 +215,7 @@ run_step preprocess "$KEY_BIN" do_preprocess
 
 # --- 5. train -------------------------------------------------------------------------------------------
 TRAIN_ARGS=(
-  --user-dir "$ROOT/fairseq_moec" --task translation_moec --source-lang es --target-lang en
+  --user-dir "$ROOT/fairseq_moec" --task translation_moec --source-lang "$SRC" --target-lang "$TGT"
   --arch moec_transformer --share-all-embeddings
   --encoder-layers "$LAYERS" --decoder-layers "$LAYERS" --encoder-embed-dim "$DIM" --decoder-embed-dim "$DIM"
   --encoder-ffn-embed-dim "$FFN" --decoder-ffn-embed-dim "$FFN"
@@ -214,7 +239,9 @@ else
 fi
 # shellcheck disable=SC2206
 [ -n "$EXTRA_TRAIN_ARGS" ] && TRAIN_ARGS+=($EXTRA_TRAIN_ARGS)
-KEY_TRAIN=$( { echo "$KEY_BIN $PROFILE"; printf '%s\n' "${TRAIN_ARGS[@]}" | grep -v "^$ROOT"; } | hash)
+# the key leaves out the arguments that name the checkout (--user-dir), so a moved checkout keeps its models
+KEY_TRAIN=$( { echo "$KEY_BIN $PROFILE"; for a in "${TRAIN_ARGS[@]}"; do [[ $a == "$ROOT"* ]] || printf '%s\n' "$a"; done; } \
+  | hash)
 MODEL="$DIR/$PROFILE-$KEY_TRAIN"
 mkdir -p "$MODEL/stamps"
 STAMPS="$MODEL/stamps"  # train, generate and score are stamped per model: switching settings back and forth reuses them
@@ -237,35 +264,38 @@ do_train() {
 run_step train "$KEY_TRAIN" do_train
 
 # --- 6. generate ----------------------------------------------------------------------------------------
-N_TEST=$(wc -l < "$DIR/corpus/test.es")
+N_TEST=$(wc -l < "$DIR/corpus/test.$SRC")
+HYP="$MODEL/hyp.test.$TGT"
 KEY_GEN=$(echo "$KEY_TRAIN $CKPT beam $BEAM batch $GEN_BATCH${EXTRA_GEN_ARGS:+ $EXTRA_GEN_ARGS}" | hash)
 do_generate() {
-  rm -f "$MODEL/generate-test.txt" "$MODEL/generate-test.txt.tmp" "$MODEL/hyp.test.en"
+  rm -f "$MODEL/generate-test.txt" "$MODEL/generate-test.txt.tmp" "$HYP"
   log "fairseq-generate: beam $BEAM, $N_TEST test sentences, batch $GEN_BATCH"
-  fairseq-generate "$DIR/bin" --user-dir "$ROOT/fairseq_moec" --task translation_moec --source-lang es \
-    --target-lang en --gen-subset test --path "$MODEL/checkpoints/$CKPT" --beam "$BEAM" \
+  fairseq-generate "$DIR/bin" --user-dir "$ROOT/fairseq_moec" --task translation_moec --source-lang "$SRC" \
+    --target-lang "$TGT" --gen-subset test --path "$MODEL/checkpoints/$CKPT" --beam "$BEAM" \
     --batch-size "$GEN_BATCH" --required-batch-size-multiple 1 --cpu --log-format simple --log-interval 1 \
     $EXTRA_GEN_ARGS > "$MODEL/generate-test.txt.tmp"
-  "$PY" "$TOOLS" collect "$MODEL/generate-test.txt.tmp" "$DIR/spm/spm.model" "$N_TEST" "$MODEL/hyp.test.en" \
+  "$PY" "$TOOLS" collect "$MODEL/generate-test.txt.tmp" "$DIR/spm/spm.model" "$N_TEST" "$HYP" \
     || die "fairseq-generate did not translate every test line (see $MODEL/generate-test.txt.tmp)"
   mv "$MODEL/generate-test.txt.tmp" "$MODEL/generate-test.txt"
 }
 run_step generate "$KEY_GEN" do_generate
 
 # --- 7. score -------------------------------------------------------------------------------------------
-KEY_SCORE=$(echo "$KEY_GEN score" | hash)
+KEY_SCORE=$(echo "$KEY_GEN score${BLEU_TOKENIZE:+ tokenize $BLEU_TOKENIZE}" | hash)
 do_score() {
   local updates
   updates=$(grep -oE "num_updates[ =][0-9]+" "$MODEL/train.log" 2>/dev/null | tail -1 | grep -oE "[0-9]+$" || true)
-  "$PY" "$TOOLS" score "$MODEL/hyp.test.en" "$DIR/corpus/test.en" "$MODEL/results.txt" "$MODEL/results.json" \
-    "{\"profile\": \"$PROFILE\", \"checkpoint\": \"$CKPT\", \"beam\": $BEAM, \"updates\": \"${updates:-?}\", \"model_dir\": \"$MODEL\"}" \
-    > /dev/null
+  # each value is its own argument: a path may hold any character (a '"' once broke a hand-made JSON here)
+  "$PY" "$TOOLS" score "$HYP" "$DIR/corpus/test.$TGT" "$MODEL/results.txt" "$MODEL/results.json" \
+    --tgt-lang "$TGT" ${BLEU_TOKENIZE:+--tokenize "$BLEU_TOKENIZE"} --meta "profile=$PROFILE" \
+    --meta "checkpoint=$CKPT" --meta "beam=$BEAM" --meta "updates=${updates:-?}" --meta "model_dir=$MODEL" \
+    --meta "corpus=$CORPUS" --meta "source_lang=$SRC" --meta "target_lang=$TGT" > /dev/null
 }
 run_step score "$KEY_SCORE" do_score
 
 T_TOTAL=$(( $(date +%s) - T_START ))
 echo
-echo "== MoEC demo, Spanish -> English, $N_TEST test verses ($PROFILE profile; $MODEL) =="
+echo "== MoEC demo, $SRC -> $TGT, $N_TEST test lines of $CORPUS ($PROFILE profile; $MODEL) =="
 cat "$MODEL/results.txt"
 echo "steps: ${TIMES[*]/%/;} total ${T_TOTAL}s"
-echo "results: $MODEL/results.txt, $MODEL/results.json; translations: $MODEL/hyp.test.en"
+echo "results: $MODEL/results.txt, $MODEL/results.json; translations: $HYP"

@@ -1,4 +1,6 @@
-"""The bundled corpus and the input checks / step bookkeeping of scripts/demo.sh (no training here)."""
+"""The bundled corpus and the input checks / step bookkeeping of scripts/demo.sh; one end-to-end run of another
+language pair (de-fr, tiny model, 2 updates)."""
+import gzip
 import hashlib
 import lzma
 import os
@@ -98,7 +100,7 @@ def test_missing_corpus_file_is_refused(tmp_path):
     (c / "valid.en.xz").unlink()
     r = run_demo(tmp_path, c)
     assert r.returncode != 0
-    assert "valid.en" in r.stderr and "ERROR" in r.stderr
+    assert "lacks valid.en" in r.stderr and "error:" in r.stderr and "Traceback" not in r.stderr
     assert not stamp(tmp_path, "corpus").exists()
 
 
@@ -234,6 +236,190 @@ def test_failing_step_is_reported_and_not_stamped(tmp_path):
     assert "step spm failed" in r.stderr
     assert stamp(tmp_path, "corpus").is_file() and not stamp(tmp_path, "spm").exists()
     assert not (tmp_path / "demo" / "spm").exists()
+
+
+# --- bad input is refused before any work, with one clear line ---------------------------------------------------
+def refused(r, *needles):
+    assert r.returncode != 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+    return r
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DEMO_SRC": "pt-BR"}, "DEMO_SRC='pt-BR' is not usable as a language code"),
+    ({"DEMO_TGT": "ref"}, "DEMO_TGT=ref"),
+    ({"DEMO_SRC": "en"}, "DEMO_SRC and DEMO_TGT are both 'en'"),
+    ({"DEMO_BLEU_TOKENIZE": "nonsense"}, "not a sacrebleu tokenizer; one of: none, zh, 13a"),
+    ({"DEMO_UPDATES": "many"}, "DEMO_UPDATES must be an integer >= 1"),
+    ({"DEMO_BEAM": "0"}, "DEMO_BEAM must be an integer >= 1"),
+    ({"DEMO_DROPOUT": "1.5"}, "DEMO_DROPOUT must be a number in [0, 1)"),
+    ({"DEMO_LR": "0"}, "DEMO_LR must be a positive number"),
+    ({"DEMO_DIR": "a,b"}, "contains ',', ':' or a newline"),
+    ({"DEMO_DIR": "a:b"}, "contains ',', ':' or a newline"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, env, message):
+    c = make_corpus(tmp_path / "c")
+    env.setdefault("DEMO_DIR", str(tmp_path / "demo"))
+    refused(run_demo(tmp_path, c, **env), message)
+    assert not (tmp_path / "demo").exists() and not (ROOT / env["DEMO_DIR"]).exists()
+
+
+def test_japanese_target_needs_its_tokenizer_or_another_one(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("MeCab") is not None:
+        pytest.skip("MeCab is installed here: ja-mecab works")
+    c = make_corpus(tmp_path / "c")
+    refused(run_demo(tmp_path, c, DEMO_TGT="ja"), "tokenizer 'ja-mecab' (for target language 'ja') cannot run",
+            "DEMO_BLEU_TOKENIZE")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_malformed_sha256sums_names_the_line(tmp_path):
+    c = make_corpus(tmp_path / "c", plain=True)
+    good = hashlib.sha256((c / "train.es").read_bytes()).hexdigest()
+    (c / "SHA256SUMS").write_text(f"{good}  train.es\nnot a checksum line\n")
+    r = refused(run_demo(tmp_path, c), "SHA256SUMS line 2: expected '<64 hex digits>  <file name>'",
+                "'not a checksum line'")
+    assert not stamp(tmp_path, "corpus").exists()
+
+
+def test_sha256sums_listing_a_missing_file_names_it(tmp_path):
+    c = make_corpus(tmp_path / "c", plain=True)
+    (c / "SHA256SUMS").write_text("0" * 64 + "  train.de\n" + "1" * 64 + "  ../etc/passwd\n")
+    refused(run_demo(tmp_path, c), "SHA256SUMS line 1 lists 'train.de', which is not in the corpus",
+            "line 2: '../etc/passwd' is not a file name of the corpus directory")
+    assert not stamp(tmp_path, "corpus").exists()
+
+
+def test_sha256sums_of_the_stored_compressed_files_are_checked(tmp_path):
+    c = make_corpus(tmp_path / "c")  # .xz files; the sums name them as stored
+    sums = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in sorted(c.glob("*.xz")))
+    (c / "SHA256SUMS").write_text(sums)
+    r = run_demo(tmp_path, c)
+    assert r.returncode == 0, r.stderr
+    (c / "SHA256SUMS").write_text(sums.replace(sums[:64], "f" * 64, 1))
+    refused(run_demo(tmp_path, c), "test.en.xz: sha256", "differs from SHA256SUMS")
+
+
+def test_mixed_compression_and_ambiguous_files(tmp_path):
+    c = make_corpus(tmp_path / "c", plain=True)
+    for name in ("train.es", "train.en"):
+        (c / f"{name}.gz").write_bytes(gzip.compress((c / name).read_bytes()))
+        (c / name).unlink()
+    r = run_demo(tmp_path, c)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "demo" / "corpus" / "train.es").read_text().startswith("la casa 1 es grande .\n")
+    (c / "train.es").write_text("la casa 1 es grande .\n")
+    refused(run_demo(tmp_path, c), "has both train.es and train.es.gz")
+
+
+def test_ref_files_are_optional_but_all_or_none(tmp_path):
+    c = make_corpus(tmp_path / "c", plain=True)
+    (c / "valid.ref").unlink()
+    refused(run_demo(tmp_path, c), ".ref files for some splits only", "valid.ref missing")
+    for split in ("train", "test"):
+        (c / f"{split}.ref").unlink()
+    r = run_demo(tmp_path, c)
+    assert r.returncode == 0 and "corpus ok: train 12, valid 3, test 3" in r.stdout + r.stderr, r.stderr
+
+
+def test_corrupt_compressed_file_is_named(tmp_path):
+    c = make_corpus(tmp_path / "c")
+    data = (c / "valid.en.xz").read_bytes()
+    (c / "valid.en.xz").write_bytes(data[: len(data) // 2])
+    refused(run_demo(tmp_path, c), f"cannot decompress {c / 'valid.en.xz'}")
+    assert not stamp(tmp_path, "corpus").exists()
+
+
+def test_bundled_corpus_key_is_the_one_the_demo_always_computed():
+    """The corpus key of the bundled corpus, computed as demo.sh computed it in bash before the corpus step moved
+    to Python: a changed key would redo every finished step of existing demo directories."""
+    h = hashlib.sha1()
+    for split in SPLITS:
+        for side in ("es", "en", "ref"):
+            h.update(f"{split}.{side}\n".encode() + (CORPUS / f"{split}.{side}.xz").read_bytes())
+    h.update((CORPUS / "SHA256SUMS").read_bytes())
+    r = subprocess.run([sys.executable, str(TOOLS), "corpus-key", str(CORPUS), "--src", "es", "--tgt", "en"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == h.hexdigest()[:12]
+
+
+def test_score_tokenizer_follows_the_target_language(tmp_path):
+    (tmp_path / "hyp").write_text("这是 一个 测试\nthe garden is green .\n")
+    (tmp_path / "ref").write_text("这是一个测试\nthe garden is very green .\n")
+
+    def score(*extra):
+        r = subprocess.run([sys.executable, str(TOOLS), "score", *(str(tmp_path / f) for f in ("hyp", "ref")),
+                            str(tmp_path / "r.txt"), str(tmp_path / "r.json"), *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        import json
+        return json.loads((tmp_path / "r.json").read_text())
+
+    import sacrebleu
+    hyps = (tmp_path / "hyp").read_text().splitlines()
+    refs = [(tmp_path / "ref").read_text().splitlines()]
+    for extra, tok in [(("--tgt-lang", "zh"), "zh"), (("--tgt-lang", "fr"), "13a"),
+                       (("--tgt-lang", "fr", "--tokenize", "char"), "char")]:
+        res = score(*extra, "--meta", 'model_dir=a "quoted" dir', "--meta", "beam=4")
+        assert f"tok:{tok}|" in res["bleu_signature"]
+        assert res["bleu"] == round(sacrebleu.corpus_bleu(hyps, refs, tokenize=tok).score, 2)
+        assert res["model_dir"] == 'a "quoted" dir' and res["beam"] == 4
+
+
+# --- another language pair, end to end through the real tools ----------------------------------------------------
+DE_FR = ROOT / "tests" / "fixtures" / "tiny-de-fr"
+TINY_DEMO = dict(DEMO_SRC="de", DEMO_TGT="fr", DEMO_VOCAB="80", DEMO_LAYERS="1", DEMO_DIM="32", DEMO_FFN="64",
+                 DEMO_HEADS="2", DEMO_EXPERTS="4", DEMO_CLUSTERS="2", DEMO_CLUSTER_DROPOUT="0.5",
+                 DEMO_DROPOUT_INTERVAL="1", DEMO_MOE_ENCODER_LAYERS="0", DEMO_MOE_DECODER_LAYERS="0",
+                 DEMO_UPDATES="2", DEMO_SAVE_INTERVAL="2", DEMO_WARMUP="1", DEMO_MAX_TOKENS="1000", DEMO_BEAM="1",
+                 DEMO_GEN_ARGS="--max-len-b 6", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def stored_text(path):
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.slow
+def test_german_french_corpus_end_to_end(tmp_path):
+    """DEMO_CORPUS/DEMO_SRC/DEMO_TGT: the de-fr fixture (train .gz, valid .xz, test plain) through every step, in a
+    DEMO_DIR with a '"' and a space (a '"' once broke the last step); the codes reach each tool."""
+    demo = tmp_path / 'my "demo" dir'
+    env = dict(os.environ, PYTHON=sys.executable, DEMO_DIR=str(demo), DEMO_CORPUS=str(DE_FR), **TINY_DEMO)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    r = subprocess.run(["bash", str(DEMO)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for split, ext in (("train", ".gz"), ("valid", ".xz"), ("test", "")):
+        for lang in ("de", "fr"):
+            assert (demo / "corpus" / f"{split}.{lang}").read_text() == stored_text(DE_FR / f"{split}.{lang}{ext}")
+    # sentencepiece: trained on both sides, so it has pieces that only German, and pieces that only French, holds
+    de, fr = (stored_text(DE_FR / f"train.{lang}.gz") for lang in ("de", "fr"))
+    pieces = [line.split("\t")[0].replace("▁", " ") for line in (demo / "spm" / "spm.vocab").read_text().splitlines()]
+    pieces = [p for p in pieces if len(p.strip()) > 1]
+    assert any(p in de and p not in fr for p in pieces) and any(p in fr and p not in de for p in pieces), pieces
+    # fairseq-preprocess and fairseq-train: the pair's codes, one joined dictionary
+    assert (demo / "bin" / "dict.de.txt").read_text() == (demo / "bin" / "dict.fr.txt").read_text()
+    assert all((demo / "bin" / f"{s}.de-fr.{l}.bin").is_file() for s in SPLITS for l in ("de", "fr"))
+    (model,) = demo.glob("default-*")
+    assert "--source-lang de --target-lang fr" in (model / "train.cmd").read_text()
+    # sacrebleu: every test line translated, scored against the French references with the French tokenizer
+    import json
+    import sacrebleu
+    hyps = (model / "hyp.test.fr").read_text(encoding="utf-8").splitlines()
+    refs = stored_text(DE_FR / "test.fr").splitlines()
+    res = json.loads((model / "results.json").read_text())
+    assert len(hyps) == len(refs) == res["lines"] == 15
+    assert (res["source_lang"], res["target_lang"], res["model_dir"]) == ("de", "fr", str(model))
+    assert "tok:13a|" in res["bleu_signature"]
+    assert res["bleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+    assert res["chrf"] == round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
+    assert "== MoEC demo, de -> fr, 15 test lines" in r.stdout
+    again = subprocess.run(["bash", str(DEMO)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stderr.count("already done") == 7, again.stderr[-3000:]
 
 
 # --- the corpus rebuild's cleaning (pure text functions; the Debian packages are not needed here) ------------------
