@@ -40,17 +40,22 @@ def batch(d):
     return src, torch.tensor([5, 7, 7]), prev
 
 
+def moe_name(dense_name):
+    """(name in the E=1 model, whether it holds a stacked [1, ...] expert tensor) of a dense parameter."""
+    for fc in ("fc1", "fc2"):
+        if f".{fc}." in dense_name:  # dense fcN.weight [out, in] -> expert 0 of experts.fcN.0
+            kind = dense_name.rsplit(".", 1)[1]
+            return dense_name.replace(f".{fc}.{kind}", f".fc1.moe.experts.{fc}.0.{kind}"), True
+    return dense_name, False
+
+
 def test_single_expert_reproduces_dense_transformer():
     dense, d = build("transformer", [])
     moe, _ = build("moec_transformer", ["--moe-every", "1", "--moe-expert-count", "1"])
     state = {}
     for key, value in dense.state_dict().items():
-        for fc in ("fc1", "fc2"):
-            if f".{fc}." in key:  # dense fcN.weight [out, in] -> expert 0 of experts.fcN.0
-                kind = key.rsplit(".", 1)[1]
-                key = key.replace(f".{fc}.{kind}", f".fc1.moe.experts.{fc}.0.{kind}")
-                value = value.unsqueeze(0)
-        state[key] = value
+        key, stacked = moe_name(key)
+        state[key] = value.unsqueeze(0) if stacked else value
     missing, unexpected = moe.load_state_dict(state, strict=False)
     assert not unexpected
     assert all(".router." in k or "cluster_dropout" in k for k in missing)
@@ -63,12 +68,20 @@ def test_single_expert_reproduces_dense_transformer():
         out_moe, _ = moe(src, lengths, prev)
         real = prev.ne(d.pad())
         torch.testing.assert_close(out_moe[real], out_dense[real], atol=1e-6, rtol=0)
-        (out_dense[real].sum()).backward()
-        (out_moe[real].sum()).backward()
-        g_dense = dense.encoder.layers[0].fc1.weight.grad
-        g_moe = moe.encoder.layers[0].fc1.moe.experts.fc1[0].weight.grad[0]
-        torch.testing.assert_close(g_moe, g_dense, atol=1e-5, rtol=1e-5)
-        dense.zero_grad(), moe.zero_grad()
+        # a loss that weights every output differently, so that no gradient is a symmetric special case
+        weights = torch.randn(out_dense.shape, generator=torch.Generator().manual_seed(1))
+        (out_dense[real] * weights[real]).sum().backward()
+        (out_moe[real] * weights[real]).sum().backward()
+        moe_params = dict(moe.named_parameters())
+        for name, p in dense.named_parameters():  # every parameter's gradient, not one
+            key, stacked = moe_name(name)
+            g_moe = moe_params.pop(key).grad
+            torch.testing.assert_close(g_moe[0] if stacked else g_moe, p.grad, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{mode} {name}: {m}")
+        # left: the routers; softmax over one expert is constantly 1, so they get exactly zero gradient
+        assert moe_params and all(".router." in n for n in moe_params)
+        assert all(p.grad is None or not p.grad.any() for p in moe_params.values())
+        dense.zero_grad(set_to_none=True), moe.zero_grad(set_to_none=True)
 
 
 def test_layer_placement():
