@@ -20,7 +20,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 PY=${PYTHON:-python}
-die() { echo "error: $*" >&2; exit 2; }
+die() { echo "evaluate.sh: error: $*" >&2; exit 2; }
 usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 CONFIG="" CKPT_DIR="" CKPT="" DATA="" AVG=5 AVG_BY=updates BEAM=5 LENPEN=0.6 BATCH=128 MAX_TOKENS=""
@@ -41,7 +41,11 @@ while [[ $# -gt 0 ]]; do
     *) usage >&2; die "unknown option: $1 (fairseq-generate arguments go after --)" ;;
   esac
 done
-[[ $AVG =~ ^[1-9][0-9]*$ ]] || die "--avg must be a positive integer, got '$AVG'"
+# numbers are checked before the (slow) averaging and model loading
+for opt in --avg:$AVG --beam:$BEAM --batch-size:$BATCH ${MAX_TOKENS:+--max-tokens:$MAX_TOKENS}; do
+  [[ ${opt#*:} =~ ^[1-9][0-9]{0,8}$ ]] || die "${opt%%:*} must be a positive integer, got '${opt#*:}'"
+done
+[[ $LENPEN =~ ^-?([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] || die "--lenpen must be a number (e.g. 0.6), got '$LENPEN'"
 [[ $AVG_BY == updates || $AVG_BY == epochs ]] || die "--avg-by must be updates or epochs, got '$AVG_BY'"
 
 if [[ -n $CONFIG ]]; then

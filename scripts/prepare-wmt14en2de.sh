@@ -45,13 +45,13 @@ data
   --wmt17                   News Commentary v12 instead of v9 (the WMT'17 training data of fairseq's script)
   --valid-from-train N      valid = every N-th training pair (removed from train) instead of newstest2013
 subwords and filtering
-  --vocab-size N            joint sentencepiece vocabulary size (default 32000)
+  --vocab-size N            joint sentencepiece vocabulary size, 100..1000000 (default 32000)
   --subword unigram|bpe     sentencepiece model type (default unigram)
   --bpe40k                  the paper's setting: --subword bpe --vocab-size 40000
-  --character-coverage X    sentencepiece character coverage (default 0.9999)
+  --character-coverage X    sentencepiece character coverage, 0.98..1 (default 0.9999)
   --spm-sentences N         sentences sampled to train sentencepiece (default 10000000)
   --min-len N --max-len N   keep train/valid pairs with N..M subword tokens per side (default 1..250)
-  --ratio R                 drop train/valid pairs with a length ratio above R (default 1.5)
+  --ratio R                 drop train/valid pairs with a length ratio above R >= 1 (default 1.5)
 where
   --workdir DIR             intermediate files (default work/wmt14_en_de, per data option)
   --dest DIR                fairseq data directory (default data-bin/wmt14_en_de, per option)
@@ -66,7 +66,7 @@ EOF
 }
 
 say() { echo "$*" >&2; }
-die() { echo "error: $*" >&2; exit 2; }
+die() { echo "prepare-wmt14en2de.sh: error: $*" >&2; exit 2; }
 
 CORPUS=wmt14 HOLDOUT=0 SUBWORD=unigram VOCAB=32000 COVERAGE=0.9999 SPM_SENTENCES=10000000
 MIN_LEN=1 MAX_LEN=250 RATIO=1.5 WORK="" DEST="" ARCHIVES="" CHECKSUMS="" STRICT="" DOWNLOAD_ONLY=0
@@ -96,12 +96,20 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"; }
-int --valid-from-train "$HOLDOUT"; int --vocab-size "$VOCAB"; int --min-len "$MIN_LEN"; int --max-len "$MAX_LEN"
+# Every option is checked here, before any work (an out-of-range value must not surface after hours of work).
+int() { [[ $2 =~ ^[0-9]{1,9}$ ]] || die "$1 must be a non-negative integer (at most 9 digits), got '$2'"; }
+int --valid-from-train "$HOLDOUT"; int --min-len "$MIN_LEN"; int --max-len "$MAX_LEN"
 int --workers "$WORKERS"; int --spm-sentences "$SPM_SENTENCES"
+# the ranges sentencepiece accepts (scripts/wmt/subword.py checks the same: VOCAB_SIZE_RANGE, COVERAGE_RANGE)
+[[ $VOCAB =~ ^[0-9]{1,9}$ ]] && (( 10#$VOCAB >= 100 && 10#$VOCAB <= 1000000 )) \
+  || die "--vocab-size must be an integer from 100 to 1000000, got '$VOCAB'"
+[[ $COVERAGE =~ ^(0(\.[0-9]+)?|1(\.0*)?|\.[0-9]+)$ ]] && awk -v c="$COVERAGE" 'BEGIN { exit !(c >= 0.98 && c <= 1) }' \
+  || die "--character-coverage must be a number from 0.98 to 1, got '$COVERAGE'"
 [[ $SUBWORD == unigram || $SUBWORD == bpe ]] || die "--subword must be unigram or bpe, got '$SUBWORD'"
 [[ $HOLDOUT != 1 ]] || die "--valid-from-train 1 would leave no training data"
-[[ $RATIO =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--ratio must be a number, got '$RATIO'"
+[[ $RATIO =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v r="$RATIO" 'BEGIN { exit !(r >= 1) }' \
+  || die "--ratio must be a number >= 1 (a longer side over a shorter one), got '$RATIO'"
+(( 10#$MIN_LEN <= 10#$MAX_LEN )) || die "--min-len ($MIN_LEN) must not exceed --max-len ($MAX_LEN)"
 [[ $WORKERS -ge 1 ]] || WORKERS=1
 if [[ -n $ARCHIVES ]]; then
   [[ -d $ARCHIVES ]] || die "--archives directory not found: $ARCHIVES"
@@ -159,10 +167,10 @@ on_exit() {
   [[ -n $STEP_TMP && -e $STEP_TMP ]] && rm -rf "$STEP_TMP"
   if [[ $rc != 0 && -n $STEP ]]; then
     if [[ -n $STEP_TMP ]]; then
-      say "error: step '$STEP' did not finish (exit status $rc); its partial output was removed. Finished" \
+      say "prepare-wmt14en2de.sh: error: step '$STEP' did not finish (exit status $rc); its partial output was removed. Finished" \
           "steps are kept: rerun the same command to resume."
     else
-      say "error: step '$STEP' did not finish (exit status $rc). Verified archives are kept and partial" \
+      say "prepare-wmt14en2de.sh: error: step '$STEP' did not finish (exit status $rc). Verified archives are kept and partial" \
           "downloads resume: rerun the same command."
     fi
   fi

@@ -53,7 +53,7 @@ def ok(proc):
 def failed(proc, *needles):
     """The command failed with exit status 2 (bad input) and said each of ``needles`` in one error line."""
     assert proc.returncode == 2, f"exit {proc.returncode}, expected 2\n{proc.stderr[-4000:]}"
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if re.match(r"([\w.-]+: )?error: ", line)]
     assert errors, proc.stderr[-3000:]
     text = proc.stderr
     for n in needles:
@@ -404,6 +404,57 @@ def test_prepare_rejects_bad_options(tmp_path):
     failed(script("prepare-wmt14en2de.sh", "--archives", tmp_path / "nope"), "--archives directory not found")
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--vocab-size", "99999999999", "--vocab-size must be an integer from 100 to 1000000, got '99999999999'"),
+    ("--vocab-size", "50", "--vocab-size must be an integer from 100 to 1000000"),
+    ("--character-coverage", "0.5", "--character-coverage must be a number from 0.98 to 1, got '0.5'"),
+    ("--character-coverage", "1.5", "--character-coverage must be a number from 0.98 to 1"),
+    ("--character-coverage", "all", "--character-coverage must be a number from 0.98 to 1"),
+    ("--ratio", "0.5", "--ratio must be a number >= 1"),
+])
+def test_subword_options_are_checked_before_any_work(tmp_path, archives, option, value, message):
+    """Once checked by sentencepiece after extraction and tokenization (hours on the real corpus), a huge vocabulary
+    with a traceback: now refused at once, with the flag and its range, before the work directory exists."""
+    args = prepare_args(archives, archives / "SHA256SUMS", tmp_path / "w", tmp_path / "d")
+    args[args.index("--vocab-size"):args.index("--vocab-size") + 2] = []
+    proc = failed(script("prepare-wmt14en2de.sh", *args, option, value), message)
+    assert "prepare-wmt14en2de.sh: error: " + message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_subword_script_checks_its_ranges_too(tmp_path):
+    for option, value in (("--vocab-size", "99999999999"), ("--character-coverage", "0.5")):
+        other = {"--vocab-size": ["--vocab-size", "300"], "--character-coverage": []}
+        proc = run([sys.executable, WMT / "subword.py", "train", "--model-prefix", tmp_path / "m", option, value,
+                    *[a for k, v in other.items() if k != option for a in v], tmp_path / "in.txt"])
+        assert proc.returncode == 2 and f"error: argument {option}: must be" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_python_helpers_report_a_missing_input_in_one_line(tmp_path):
+    proc = run([sys.executable, WMT / "subword.py", "filter", tmp_path / "none.en", tmp_path / "none.de",
+                tmp_path / "a", tmp_path / "b"])
+    failed(proc, "subword.py: error: ", "none.en")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_archive_changed_after_verification_is_refused(tmp_path, archives):
+    """--archives links the verified archive into the work directory; a file replaced afterwards must not be read
+    unverified (while prepare.json would record the old checksum)."""
+    d, sums = variant(tmp_path, archives, replace=("dev.tgz", {}))  # a real file here, not a link to `archives`
+    work, dest = tmp_path / "w", tmp_path / "d"
+    ok(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest), "--download-only"))
+    verified = sha256(d / "dev.tgz")
+    assert (work / "orig" / "dev.tgz.sha256").read_text().split()[0] == verified
+    en, de = [p[0] for p in sample_pairs()], [p[1] for p in sample_pairs()]
+    _tgz(d / "dev.tgz", [("dev/newstest2013.de", _text(["ein anderer Satz"] + de[431:470])),
+                         ("dev/newstest2013.en", _text(en[430:470]))])  # still a valid archive, other content
+    proc = failed(script("prepare-wmt14en2de.sh", *prepare_args(d, sums, work, dest)),
+                  "dev.tgz", "changed after it was verified", f"verified {verified}", sha256(d / "dev.tgz"))
+    assert "step 'extract' did not finish" in proc.stderr
+    assert_nothing_finished(work, dest)
+
+
 def test_sgm_parser_units():
     extract = load("extract")
     segs = extract.parse_sgm(['<doc docid="a">', '<seg id="1"> two  spaces\there </seg>', "</doc>"], "x.sgm")
@@ -592,6 +643,14 @@ def test_average_checkpoints_errors(tmp_path):
     (tmp_path / "checkpoint_1_5.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match="cannot load checkpoint"):  # in-process: no second torch start-up
         load("average_checkpoints").average([tmp_path / "checkpoint_1_5.pt"])
+
+
+@pytest.mark.parametrize("option, value", [("--beam", "five"), ("--batch-size", "0"), ("--max-tokens", "-3"),
+                                           ("--avg", "2.5"), ("--lenpen", "high")])
+def test_evaluate_checks_numbers_first(tmp_path, option, value):
+    proc = failed(script("evaluate.sh", "--checkpoint-dir", tmp_path, "--data", tmp_path, option, value),
+                  f"evaluate.sh: error: {option} must be")
+    assert f"got '{value}'" in proc.stderr
 
 
 def test_evaluate_bad_input(tmp_path, prepared):

@@ -8,11 +8,14 @@ with --holdout-every N every N-th training pair (and those pairs leave train), a
 Test: newstest2014 ("full", 3003 sentences) from the sgm files of test-full.tgz, cleaned exactly like
 sacrebleu's wmt14/full, so the raw test.de is the reference that sacrebleu scores against.
 
-Archives are streamed once each (only the needed members are read; nothing is unpacked to disk). Lines are
-split on '\\n' only. Any inconsistency is an error: a missing member, a source/target line-count mismatch, an
+Archives are streamed once each (only the needed members are read; nothing is unpacked to disk), and the bytes
+read are hashed on the way: they must match the sha256 that fetch.py recorded in ORIG/FILE.sha256 when it
+verified the file, so an archive replaced after verification (ORIG/FILE may be a link to an --archives copy)
+is refused rather than used unverified. Lines are split on '\\n' only. Any inconsistency is an error: a missing member, a source/target line-count mismatch, an
 empty corpus, a malformed sgm file, or a truncated archive.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -49,14 +52,53 @@ def archives_needed(nc_version: int, holdout_every: int) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------- archives
 
+class HashingReader:
+    """A binary file read through ``read``, hashing every byte it returns (what tarfile's stream mode needs)."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def read(self, size=-1):
+        data = self.f.read(size)
+        self.sha256.update(data)
+        return data
+
+    def hexdigest_to_end(self) -> str:
+        """The sha256 of the whole file: read (and hash) what the reader has not consumed yet."""
+        for _ in iter(lambda: self.read(1 << 22), b""):
+            pass
+        return self.sha256.hexdigest()
+
+
+def verified_sha256(archive: str) -> str:
+    """The sha256 recorded by fetch.py when it verified ``archive`` (ORIG/FILE.sha256, 'HEX  FILE')."""
+    record = archive + ".sha256"
+    if not os.path.isfile(record):
+        die(f"archive {archive} was never verified (no {os.path.basename(record)} beside it): fetch it with "
+            f"scripts/prepare-wmt14en2de.sh, which verifies its checksum")
+    with open(record, encoding="utf-8") as f:
+        return f.read().split()[0]
+
+
+def check_unchanged(archive: str, got: str, want: str) -> None:
+    if got != want:
+        target = os.path.realpath(archive)
+        die(f"archive {archive}{f' (a link to {target})' if target != os.path.abspath(archive) else ''} changed "
+            f"after it was verified: its sha256 is now {got}, verified {want}. Put the verified file back, or "
+            f"delete {archive} and {archive}.sha256 and rerun to verify the new one")
+
+
 def read_members(archive: str, wanted: Dict[str, str], parts: str) -> Dict[str, str]:
     """Stream ``archive`` once and copy each wanted member (member -> label) to PARTS/label, one line per
     line; return {member: path of the copy}. Lines are split on '\\n' only; invalid UTF-8 is replaced (and
     counted) rather than fatal, because the real Common Crawl release has a few such bytes."""
     found: Dict[str, str] = {}
     names: List[str] = []
+    want_sha = verified_sha256(archive)
+    raw_file = open(archive, "rb")
+    reader = HashingReader(raw_file)
     try:
-        with tarfile.open(archive, "r|*") as tar:
+        with tarfile.open(fileobj=reader, mode="r|*") as tar:
             for m in tar:
                 name = m.name[2:] if m.name.startswith("./") else m.name
                 names.append(name)
@@ -81,9 +123,13 @@ def read_members(archive: str, wanted: Dict[str, str], parts: str) -> Dict[str, 
                 if bad:
                     log(f"[extract] {name}: {bad} lines with invalid UTF-8 (bytes replaced by U+FFFD)")
                 found[name] = dest
+        check_unchanged(archive, reader.hexdigest_to_end(), want_sha)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        check_unchanged(archive, reader.hexdigest_to_end(), want_sha)  # a replaced file explains the error best
         die(f"archive {archive} is truncated or corrupt ({type(e).__name__}: {e}). Delete it and rerun "
             f"to fetch it again")
+    finally:
+        raw_file.close()
     missing = [w for w in wanted if w not in found]
     if missing:
         stem = os.path.basename(missing[0]).split(".")[0]

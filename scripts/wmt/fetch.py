@@ -10,7 +10,10 @@ Verification fails closed: a known checksum that does not match stops the run an
 (a bad download is renamed to FILE.bad). A file with no known checksum is used with a loud warning that
 prints its sha256 so the user can record it (--strict makes that an error too).
 
-An archive is at ORIG/FILE only once verified; downloads grow in ORIG/FILE.part and resume from there.
+An archive is at ORIG/FILE only once verified, and its sha256 in ORIG/FILE.sha256; downloads grow in
+ORIG/FILE.part and resume from there. With --archives, ORIG/FILE is a link to the local copy (no copy of
+several GB): extract.py hashes the bytes it reads and refuses them unless they match ORIG/FILE.sha256, so a
+copy replaced after verification is never used.
 """
 import argparse
 import hashlib
@@ -140,7 +143,7 @@ def fetch_one(name: str, entry: Entry, orig: str, archives: Optional[str], mirro
               strict: bool, attempts: int) -> None:
     final = os.path.join(orig, name)
     if os.path.exists(final):
-        log(f"[fetch] {name}: already fetched and verified")
+        log(f"[fetch] {name}: already fetched and verified (its bytes are checked again as they are read)")
         return
     if archives:
         src = os.path.abspath(os.path.join(archives, name))
@@ -182,6 +185,8 @@ def main():
     ap.add_argument("--strict", action="store_true", help="refuse archives with no known checksum")
     ap.add_argument("--attempts", type=int, default=5)
     args = ap.parse_args()
+    if args.attempts < 1:
+        ap.error(f"--attempts must be at least 1, got {args.attempts}")
     table = read_table(args.table)
     if args.checksums:
         apply_user_checksums(table, args.checksums)

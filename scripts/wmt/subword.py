@@ -11,8 +11,33 @@ as the other.
 import argparse
 import json
 import os
+import re
 
 from wmt_common import count_lines, die, iter_lines, log, main_guard, progress
+
+# What sentencepiece accepts: vocab_size is an int32 and must exceed the corpus' required characters (100 is a
+# floor well below any real corpus; above a million pieces the embedding matrix alone outgrows a GPU);
+# character_coverage outside [0.98, 1] fails its trainer. scripts/prepare-wmt14en2de.sh checks the same ranges.
+VOCAB_SIZE_RANGE = (100, 1_000_000)
+COVERAGE_RANGE = (0.98, 1.0)
+
+
+def vocab_size_arg(text: str) -> int:
+    lo, hi = VOCAB_SIZE_RANGE
+    if not re.fullmatch(r"\d{1,9}", text) or not lo <= int(text) <= hi:
+        raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {text!r}")
+    return int(text)
+
+
+def coverage_arg(text: str) -> float:
+    lo, hi = COVERAGE_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"must be a number from {lo} to {hi}, got {text!r}")
+    return value
 
 
 def cmd_train(args):
@@ -107,9 +132,9 @@ def main():
     t = sub.add_parser("train")
     t.add_argument("inputs", nargs="+")
     t.add_argument("--model-prefix", required=True)
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--vocab-size", type=vocab_size_arg, required=True)
     t.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
-    t.add_argument("--character-coverage", type=float, default=0.9999)
+    t.add_argument("--character-coverage", type=coverage_arg, default=0.9999)
     t.add_argument("--input-sentence-size", type=int, default=10_000_000)
     t.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     t.add_argument("--verbose", action="store_true")

@@ -1,6 +1,7 @@
 """Small helpers shared by the WMT recipe scripts: errors, atomic outputs, line I/O, progress bars.
 
-Every script of the recipe reports bad input as one ``error: ...`` line and exit status 2, and writes its
+Every script of the recipe reports bad input as one ``SCRIPT: error: ...`` line (argparse's form, no traceback)
+and exit status 2, and writes its
 outputs under a temporary name that is renamed only once complete, so that an interrupted run never leaves a
 file that looks finished.
 """
@@ -30,14 +31,16 @@ def warn(msg: str) -> None:
 
 
 def main_guard(main) -> None:
-    """Run ``main()``; turn RecipeError into 'error: ...' + exit 2 (a traceback would hide the message)."""
+    """Run ``main()``; turn RecipeError (and an OSError such as a missing or unreadable input file) into
+    'SCRIPT: error: ...' + exit 2: a traceback would hide the message."""
+    prog = os.path.basename(sys.argv[0])
     try:
         rc = main()
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (RecipeError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
+        print(f"{prog}: error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(rc or 0)
 
