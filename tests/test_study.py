@@ -1,196 +1,131 @@
-"""scripts/study.py without training: log parsing, the table writer and run-level resumability."""
-import importlib.util
+"""scripts/study.py and study_report.py without training: the plan, the commands, log parsing, the allocation
+numbers, the tables with real sacrebleu paired tests, and run-level resumability."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import study
+import study_report
 
 
-@pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def args_of(tmp_path, *extra):
+    return study.parse_args(["--out", str(tmp_path / "out"), "--device", "cpu", "--plot-dir", str(tmp_path / "img"),
+                             *extra])
 
 
-def _line(tag, rec, console=False):
-    """fairseq --log-file lines are the bare json (the console adds a prefix; both are parsed). fairseq
-    writes numbers as strings; the valid/train records have their keys prefixed by the tag."""
-    text = json.dumps({k: str(v) for k, v in rec.items()}) + "\n"
-    return f"2026-11-26 07:00:00 | INFO | {tag} | " + text if console else text
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1] if name in cmd else None
 
 
-def synthetic_log(path, moe=True, upto=40, resume_dup=True):
-    """train_inner every 10 updates, valid every 20; valid loss goes 6.0, 5.0 (best at 20) ... then up."""
-    lines = ["model: TransformerModel\n", "{'_name': None, 'common': {'log_format': 'json'}}\n"]
-    valid = {20: 5.0, 40: 5.5, 60: 5.8}
-    for u in range(10, upto + 1, 10):
-        lines.append(_line("train_inner", {"epoch": 1, "update": u / 50, "loss": 7.0 - u / 10, "num_updates": u,
-                                           "wps": 1000.0}, console=(u == 10)))
-        if u in valid:
-            rec = {"epoch": 1, "valid_loss": valid[u], "valid_nll_loss": valid[u] - 0.5, "valid_num_updates": u}
-            if moe:
-                rec.update({"valid_moe_enc1_load_cv": 0.5 + u / 100, "valid_moe_dec1_load_cv": 0.25,
-                            "valid_moe_enc1_balance": 1.1})
-            lines.append(_line("valid", rec))
-    if resume_dup:  # a resumed session repeats the last validation: the later copy wins, nothing doubles
-        lines.append('{"valid_loss": "oops", not json\n')
-        lines.append(_line("train", {"train_loss": 4.5, "train_num_updates": upto}))
-    Path(path).write_text("".join(lines), encoding="utf-8")
+def test_plan_runs_and_their_flags(tmp_path):
+    args = args_of(tmp_path)
+    runs = {r.name: r for r in study.plan(args.seeds)}
+    assert [r.name for r in study.plan((1,))][:5] == ["dense-s1", "moe32-s1", "moec32-s1", "moe8-s1", "moec8-s1"]
+    assert len([r for r in runs.values() if not r.evaluate_of]) == 2 * 5 + 3
+    cmd = [str(c) for c in study.train_cmd(args, runs["moec32-s2"], Path("bin"), tmp_path)]
+    # MoEC: clusters of 8 (G = 4 at E = 32), dropout 0.5, and the cluster weight is the plugin's default
+    assert (flag(cmd, "--moe-expert-count"), flag(cmd, "--moe-clusters"), flag(cmd, "--cluster-dropout")) == \
+        ("32", "4", "0.5")
+    assert "--moe-cluster-weight" not in cmd and flag(cmd, "--seed") == "2"
+    assert flag([str(c) for c in study.train_cmd(args, runs["moec8-s1"], Path("bin"), tmp_path)],
+                "--moe-clusters") == "2"  # at least 2 clusters
+    moe = [str(c) for c in study.train_cmd(args, runs["moe32-s1"], Path("bin"), tmp_path)]
+    assert (flag(moe, "--moe-clusters"), flag(moe, "--cluster-dropout"), flag(moe, "--moe-cluster-weight")) == \
+        ("1", "0.0", "0")
+    dense = [str(c) for c in study.train_cmd(args, runs["dense-s1"], Path("bin"), tmp_path)]
+    assert flag(dense, "--arch") == "transformer" and "--moe-expert-count" not in dense
+    for name, expect in (("moec32-lossonly-s1", ("0.0", None, None)), ("moec32-droponly-s1", ("0.5", "0", None)),
+                         ("moec32-official-s1", ("0.5", "0.01", "official"))):
+        c = [str(x) for x in study.train_cmd(args, runs[name], Path("bin"), tmp_path)]
+        assert (flag(c, "--cluster-dropout"), flag(c, "--moe-cluster-weight"), flag(c, "--moe-cluster-loss-norm")) \
+            == expect, name
+    # every run trains the same number of updates with the same schedule
+    assert {flag([str(c) for c in study.train_cmd(args, r, Path("b"), tmp_path)], "--max-update")
+            for r in runs.values()} == {"1200"}
+    assert runs["moec32-s1-keepmask"].evaluate_of == "moec32-s1"
 
 
-def test_parse_log_best_gap_cv(study, tmp_path):
+def test_unknown_run_name_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        args_of(tmp_path, "--only", "dense-s1,moe64-s1")
+    assert e.value.code == 2 and "moe64-s1" in capsys.readouterr().err
+
+
+def write_log(path, valid, train):
+    """fairseq --log-file json lines (numbers as strings, as fairseq writes them); a resumed session repeats the
+    validation of update 200 with another value: the later one wins."""
+    lines = ["some fairseq text line\n"]
+    for u, loss in train:
+        lines.append(json.dumps({"epoch": "1", "loss": str(loss), "num_updates": str(u)}) + "\n")
+    for u, loss in valid:
+        lines.append(json.dumps({"epoch": "1", "valid_loss": str(loss), "valid_num_updates": str(u)}) + "\n")
+    lines.append(json.dumps({"train_loss": "9.9", "train_num_updates": "300"}) + "\n")  # epoch summary: ignored
+    Path(path).write_text("".join(lines))
+
+
+def test_summarize_by_hand(tmp_path):
     log = tmp_path / "train.log"
-    synthetic_log(log, upto=40)
-    s = study.summarize_log(log)
-    assert s["curve"] == [(20, 5.0), (40, 5.5)]
-    assert s["best_valid_loss"] == 5.0 and s["best_update"] == 20
-    assert s["last_valid_loss"] == 5.5 and s["last_update"] == 40
-    # train losses logged in (20, 40]: updates 30 and 40 -> 4.0 and 3.0
-    assert s["train_loss_end"] == pytest.approx(3.5)
-    assert s["gap"] == pytest.approx(2.0)
-    assert s["load_cv"] == {"dec1": 0.25, "enc1": pytest.approx(0.9)}
+    write_log(log, valid=[(100, 6.0), (200, 9.0), (300, 5.5), (200, 5.0)],
+              train=[(50, 7.0), (150, 6.5), (250, 4.0), (300, 3.0)])
+    s = study_report.summarize(log)
+    assert s["curve"] == [(100, 6.0), (200, 5.0), (300, 5.5)]
+    assert (s["best_valid"], s["best_update"], s["final_valid"], s["last_update"]) == (5.0, 200, 5.5, 300)
+    # train losses in (200, 300]: 4.0 and 3.0 -> 3.5; gap 5.5 - 3.5
+    assert (s["train_end"], s["gap"]) == (3.5, 2.0)
+    assert study_report.summarize(tmp_path / "none.log") == {"curve": [], "last_update": 0}
 
 
-def test_parse_log_dense_and_missing(study, tmp_path):
-    log = tmp_path / "train.log"
-    synthetic_log(log, moe=False, upto=20)
-    s = study.summarize_log(log)
-    assert s["best_update"] == 20 and "load_cv" not in s
-    empty = study.summarize_log(tmp_path / "nope.log")
-    assert empty["last_update"] == 0 and empty["curve"] == [] and "best_valid_loss" not in empty
+def test_allocation_by_hand():
+    summary = {"layers": {"enc1": {"num_experts": 4, "load": [0.5, 0.3, 0.1, 0.1]}}}
+    a = study_report.allocation(summary)["enc1"]
+    # mean 0.25, population std sqrt((0.0625 + 0.0025 + 0.0225 * 2) / 4) = sqrt(0.0275); half the even share 0.125
+    assert (a["min"], a["max"], a["below_half_even"]) == (0.1, 0.5, 2)
+    assert a["cv"] == pytest.approx(0.0275 ** 0.5 / 0.25)
 
 
-def test_parse_log_repeated_update_after_resume(study, tmp_path):
-    log = tmp_path / "train.log"
-    synthetic_log(log, upto=40, resume_dup=False)
-    with open(log, "a") as f:  # resumed from the checkpoint at 20: update 30/40 logged again with other values
-        f.write(_line("train_inner", {"loss": 3.9, "num_updates": 30}))
-        f.write(_line("valid", {"valid_loss": 5.4, "valid_num_updates": 40}))
-    s = study.summarize_log(log)
-    assert s["curve"] == [(20, 5.0), (40, 5.4)]
-
-
-def test_table_marks_missing_and_incomplete_runs(study, tmp_path):
-    done, part, none = tmp_path / "done", tmp_path / "part", tmp_path / "none"
-    for d in (done, part):
-        d.mkdir()
-    synthetic_log(done / "train.log", upto=40)
-    synthetic_log(part / "train.log", upto=30)  # no stamp: interrupted
-    res = {"bleu": 12.34, "chrf": 30.5, "bleu_signature": "nrefs:1|bleu-sig", "chrf_signature": "chrf-sig"}
-    (done / "DONE").write_text(json.dumps({"updates": 40, "results": {"best": res, "last": res}}))
-    table = study.write_table([("moe32", done), ("moec32", part), ("dense", none)], ["best", "last"], 40)
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert "12.34" in rows["moe32"] and "30.50" in rows["moe32"] and "enc1 0.90" in rows["moe32"]
-    assert "+2.000" in rows["moe32"]
-    assert "interrupted at update 30" in rows["moec32"]
-    assert "not run" in rows["dense"]
-    # no number at all in the rows of unfinished runs
-    for name in ("moec32", "dense"):
-        cells = [c.strip() for c in rows[name].split("|")[3:-1]]
-        assert set(cells) == {"–"}, cells
-    assert "bleu-sig" in table
-
-
-def test_finished_run_is_skipped(study, tmp_path, monkeypatch):
-    args = study.parse_args(["--out", str(tmp_path), "--only", "moe16"])
-    spec = study.run_specs(args)[0]
-    rdir = study.run_dir(args, spec[0], 1)
+def fake_done(out, name, hyps, bleu):
+    rdir = out / "runs" / name
     rdir.mkdir(parents=True)
-    (rdir / "DONE").write_text("{}")
+    (rdir / "hyp.txt").write_text("".join(h + "\n" for h in hyps))
+    write_log(rdir / "train.log", valid=[(100, 6.0), (200, 5.0)], train=[(150, 6.0), (200, 4.5)])
+    score = {"bleu": bleu, "chrf": 50.0, "bleu_signature": "nrefs:1|tok:13a", "chrf_signature": "nrefs:1|nc:6"}
+    routing = {"enc1": {"min": 0.01, "max": 0.3, "cv": 0.5, "below_half_even": 1}}
+    (rdir / "DONE").write_text(json.dumps({"score": score, "routing": routing}))
+
+
+def test_report_tables_and_paired_tests(tmp_path):
+    out = tmp_path / "out"
+    refs = [f"the {w} went to the house of the lord number {i}" for i, w in enumerate(["man", "woman", "king"] * 10)]
+    (out / "data" / "raw").mkdir(parents=True)
+    (out / "data" / "raw" / "test.en").write_text("".join(r + "\n" for r in refs))
+    fake_done(out, "moe8-s1", [r.replace("house", "home") for r in refs], 40.0)
+    fake_done(out, "moec8-s1", refs, 100.0)
+    fake_done(out, "dense-s1", refs, 100.0)
+    study_report.write(out, study.plan((1,)), 1200, tmp_path / "img")
+    text = (out / "results.md").read_text()
+    assert "| moec8-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | -0.250 | 0.010/0.300, CV 0.50, 1 |" in text
+    assert "| moe32-s1 | not started |" in text
+    # the only pair with both sides finished: MoEC against MoE at E = 8; identical-to-reference output wins
+    rows = [line for line in text.splitlines() if line.startswith("| moe8-s1 | moec8-s1 |")]
+    assert len(rows) == 1 and float(rows[0].split("|")[4]) < 0.01
+    assert (tmp_path / "img" / "study_v2_valid_loss.png").stat().st_size > 0
+    assert (tmp_path / "img" / "study_v2_bleu_vs_experts.png").stat().st_size > 0
+
+
+def test_finished_run_is_skipped_and_changed_settings_refused(tmp_path, monkeypatch):
+    args = args_of(tmp_path)
+    runs = {r.name: r for r in study.plan(args.seeds)}
     calls = []
-    monkeypatch.setattr(study, "sh", lambda *a, **k: calls.append(a))
-    study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
-    assert calls == []  # no fairseq command for a stamped run
-
-
-def test_unfinished_run_resumes_same_dir(study, tmp_path, monkeypatch):
-    """No stamp: the same fairseq-train command runs again in the same save dir (fairseq resumes from
-    checkpoint_last.pt); a changed setting is refused instead of mixing checkpoints."""
-    args = study.parse_args(["--out", str(tmp_path), "--only", "moec32", "--eval-checkpoints", ""])
-    spec = study.run_specs(args)[0]
-    calls = []
-    monkeypatch.setattr(study, "sh", lambda cmd, **k: calls.append(cmd))
-    study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
-    assert len(calls) == 1 and "--save-dir" in calls[0]
-    save_dir = calls[0][calls[0].index("--save-dir") + 1]
-    assert save_dir == str(study.run_dir(args, spec[0], 1) / "checkpoints")
-    (study.run_dir(args, spec[0], 1) / "DONE").unlink()
-    study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
-    assert calls[1] == calls[0]
-    other = study.parse_args(["--out", str(tmp_path), "--only", "moec32", "--lr", "1e-3", "--eval-checkpoints", ""])
-    (study.run_dir(args, spec[0], 1) / "DONE").unlink()
-    with pytest.raises(SystemExit):
-        study.do_run(other, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
-
-
-def test_run_plan_flags(study):
-    args = study.parse_args([])
-    names = [s[0] for s in study.run_specs(args)]
-    assert names == ["dense", "moe16", "moec16", "moe32", "moec32"]
-    dense = study.model_args(args, "dense", 0, 0)
-    assert "--arch" in dense and dense[dense.index("--arch") + 1] == "transformer"
-    moe = study.model_args(args, "moe", 16, 1)
-    assert moe[moe.index("--moe-clusters") + 1] == "1" and moe[moe.index("--cluster-dropout") + 1] == "0"
-    assert moe[moe.index("--moe-cluster-weight") + 1] == "0"
-    moec = study.model_args(args, "moec", 32, 4)
-    assert moec[moec.index("--moe-clusters") + 1] == "4"
-    assert float(moec[moec.index("--cluster-dropout") + 1]) > 0
-    assert float(moec[moec.index("--moe-cluster-weight") + 1]) > 0
-    assert study.parse_args(["--seeds", "2"]).seeds == [1, 2]
-
-
-def test_run_taken_by_a_live_process_is_skipped(study, tmp_path, monkeypatch):
-    import os
-    args = study.parse_args(["--out", str(tmp_path), "--only", "moe16", "--eval-checkpoints", ""])
-    spec = study.run_specs(args)[0]
-    rdir = study.run_dir(args, spec[0], 1)
-    rdir.mkdir(parents=True)
-    (rdir / "LOCK").write_text(f"{os.getppid()}\n")  # a live process that is not us
-    calls = []
-    monkeypatch.setattr(study, "sh", lambda cmd, **k: calls.append(cmd))
-    study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
-    assert calls == [] and (rdir / "LOCK").exists()
-    (rdir / "LOCK").write_text("999999999\n")  # a dead one: the run is taken over, the lock released after
-    study.do_run(args, spec, 1, tmp_path / "bin", tmp_path / "spm.model", tmp_path / "raw")
-    assert len(calls) == 1 and not (rdir / "LOCK").exists()
-    assert study.parse_args(["--seeds", "1", "--first-seed", "2"]).seeds == [2]
-
-
-def test_report_writes_table_json_and_plot(study, tmp_path):
-    args = study.parse_args(["--out", str(tmp_path), "--seeds", "2", "--plot", str(tmp_path / "plot.png")])
-    done = study.run_dir(args, "moe32", 1)
-    part = study.run_dir(args, "moec32", 2)
-    for d in (done, part):
-        d.mkdir(parents=True)
-        synthetic_log(d / "train.log", upto=40)
-    (done / "DONE").write_text(json.dumps({"updates": 40, "results": {}}))
-    study.report(args)
-    table = (tmp_path / "results.md").read_text()
-    assert "| moe32 (s1) | done" in table and "| moec32 (s2) G=4 | interrupted at update 40" in table
-    assert table.count("not run") == 8
-    assert (tmp_path / "plot.png").stat().st_size > 0
-    full = json.loads((tmp_path / "results.json").read_text())
-    assert full["moe32 (s1)"]["summary"]["best_update"] == 20 and full["moec32 (s2) G=4"]["stamp"] is None
-
-
-def test_mean_table_uses_finished_seeds_only(study, tmp_path):
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    for d, best in ((a, 10.0), (b, 20.0)):
-        d.mkdir()
-        synthetic_log(d / "train.log", upto=40)
-        (d / "DONE").write_text(json.dumps({"results": {"best": {"bleu": best, "chrf": 2 * best}}}))
-    c.mkdir()
-    synthetic_log(c / "train.log", upto=40)  # unfinished: must not count
-    text = study.write_mean_table([("moe32", [a, b, c]), ("dense", [tmp_path / "none"])], ["best"])
-    row = next(l for l in text.splitlines() if l.startswith("| moe32"))
-    cells = [x.strip() for x in row.split("|")[1:-1]]
-    assert cells[:4] == ["moe32", "2", "15.00", "30.00"]
-    assert cells[4] == "5.000" and cells[6] == "0.500"  # best valid 5.0, final 5.5
-    dense = next(l for l in text.splitlines() if l.startswith("| dense"))
-    assert "| dense | 0 | – |" in dense
+    monkeypatch.setattr(study, "sh", lambda cmd, **kw: calls.append(cmd))
+    done = Path(args.out) / "runs" / "dense-s1"
+    done.mkdir(parents=True)
+    (done / "DONE").write_text("{}")
+    study.do_run(args, runs["dense-s1"], Path(args.out) / "data")
+    assert calls == []
+    other = Path(args.out) / "runs" / "moe8-s1"
+    other.mkdir(parents=True)
+    (other / "command.json").write_text(json.dumps(["fairseq-train", "--lr", "1"]))
+    with pytest.raises(SystemExit, match="other settings"):
+        study.do_run(args, runs["moe8-s1"], Path(args.out) / "data")
+    assert calls == []

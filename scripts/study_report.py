@@ -1,0 +1,214 @@
+"""The report of scripts/study.py: fairseq json logs -> per-run numbers, the tables of results.md, sacrebleu's paired
+bootstrap tests, and the plots. Only finished runs (a DONE stamp) get numbers; the others are listed with their
+state."""
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+# --- fairseq json logs -------------------------------------------------------------------------------------------
+def parse_log(path):
+    """{'train_inner': [...], 'valid': [...]} of a fairseq --log-format json --log-file, sorted by update; a record
+    repeated for the same update by a resumed session replaces the earlier one."""
+    out = {"train_inner": {}, "valid": {}}
+    if not Path(path).exists():
+        return {k: [] for k in out}
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        i = line.find('{"')
+        try:
+            rec = json.loads(line[i:]) if i >= 0 else None
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if "valid_num_updates" in rec:
+            out["valid"][int(float(rec["valid_num_updates"]))] = rec
+        elif "num_updates" in rec and "loss" in rec and "train_loss" not in rec:
+            out["train_inner"][int(float(rec["num_updates"]))] = rec
+    return {k: [v[u] for u in sorted(v)] for k, v in out.items()}
+
+
+def summarize(path):
+    """Valid-loss curve, best and final valid loss, the train loss over the last validation interval and the gap
+    (final valid - that train loss). fairseq's losses: label-smoothed CE in bits per target token."""
+    recs = parse_log(path)
+    curve = [(int(float(r["valid_num_updates"])), float(r["valid_loss"])) for r in recs["valid"]]
+    inner = [(int(float(r["num_updates"])), float(r["loss"])) for r in recs["train_inner"]]
+    s = {"curve": curve, "last_update": max([u for u, _ in inner + curve], default=0)}
+    if curve:
+        best_update, best = min(curve, key=lambda c: (c[1], c[0]))
+        last_update, last = curve[-1]
+        prev = curve[-2][0] if len(curve) > 1 else 0
+        window = [loss for u, loss in inner if prev < u <= last_update]
+        s.update(best_valid=best, best_update=best_update, final_valid=last, final_update=last_update)
+        if window:
+            s["train_end"] = sum(window) / len(window)
+            s["gap"] = last - s["train_end"]
+    return s
+
+
+# --- routing -----------------------------------------------------------------------------------------------------
+def allocation(summary):
+    """Per MoE layer of fairseq_moec.analyze's summary.json: the token share of every expert, min, max, CV and the
+    number of experts below half the even share 1/(2E)."""
+    out = {}
+    for name, layer in summary["layers"].items():
+        share, E = layer["load"], layer["num_experts"]
+        mean = sum(share) / E
+        cv = statistics.pstdev(share) / mean if mean else float("nan")
+        out[name] = {"share": [round(x, 4) for x in share], "min": min(share), "max": max(share), "cv": cv,
+                     "below_half_even": sum(x < 1 / (2 * E) for x in share), "experts": E}
+    return out
+
+
+def code_state(root):
+    """git HEAD, whether fairseq_moec/ differs from it, a hash of the plugin's sources, and the load average."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+    h = hashlib.sha1()
+    for p in sorted((Path(root) / "fairseq_moec").rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git_head": git("rev-parse", "HEAD"),
+            "plugin_dirty": bool(git("status", "--porcelain", "--", "fairseq_moec")), "plugin_sha1": h.hexdigest()[:12],
+            "loadavg": os.getloadavg()}
+
+
+def state(rdir, updates):
+    if (rdir / "DONE").exists():
+        return "done"
+    s = summarize(rdir / "train.log")
+    return f"trained to update {s['last_update']} of {updates}" if s["last_update"] else "not started"
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+def _f(v, fmt="{:.3f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def paired_bootstrap(ref, baseline, systems, n=1000):
+    """sacrebleu's paired bootstrap resampling of SYSTEMS against BASELINE (BLEU and chrF): its JSON output."""
+    cmd = [str(Path(sys.executable).parent / "sacrebleu"), str(ref), "-i", str(baseline), *map(str, systems),
+           "-m", "bleu", "chrf", "--paired-bs", "--paired-bs-n", str(n), "--no-color"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def write(out, runs, updates, plot_dir):
+    rows, done = [], {}
+    for run in runs:
+        rdir = out / "runs" / run.name
+        s = summarize(rdir / ("train.log" if not run.evaluate_of else "../" + run.evaluate_of + "/train.log"))
+        stamp = json.loads((rdir / "DONE").read_text()) if (rdir / "DONE").exists() else None
+        if stamp:
+            done[run.name] = (run, stamp, s)
+        rows.append((run, stamp, s))
+    lines = [f"Every run: {updates} updates; BLEU/chrF of the best-valid checkpoint on all test lines "
+             f"(all experts unless stated); valid loss in bits (label-smoothed CE); gap = final valid - train loss "
+             f"over the last validation interval; allocation of the final model over 2,000 training sentences "
+             f"(per MoE layer: min / max token share, CV, experts below 1/(2E)).", "",
+             "| run | state | BLEU | chrF | best valid (update) | final valid | gap | allocation enc / dec |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, stamp, s in rows:
+        if not stamp:
+            lines.append(f"| {run.name} | {state(out / 'runs' / run.name, updates)} | – | – | – | – | – | – |")
+            continue
+        sc, alloc = stamp["score"], stamp.get("routing") or {}
+        cells = "; ".join(f"{a['min']:.3f}/{a['max']:.3f}, CV {a['cv']:.2f}, {a['below_half_even']}"
+                          for a in alloc.values()) or ("as trained" if run.evaluate_of else "dense")
+        lines.append(f"| {run.name} | done | {sc['bleu']:.2f} | {sc['chrf']:.2f} | "
+                     f"{_f(s.get('best_valid'))} ({s.get('best_update', '–')}) | {_f(s.get('final_valid'))} | "
+                     f"{_f(s.get('gap'), '{:+.3f}')} | {cells} |")
+    sigs = {(d[1]["score"]["bleu_signature"], d[1]["score"]["chrf_signature"]) for d in done.values()}
+    lines += ["", *(f"sacrebleu: BLEU `{b}`, chrF `{c}`" for b, c in sorted(sigs))]
+    lines += ["", "Mean over finished seeds:", "", "| group | seeds | BLEU | chrF | best valid | final valid | gap |",
+              "|---|---|---|---|---|---|---|"]
+    groups = {}
+    for run, stamp, s in done.values():
+        groups.setdefault(run.group, []).append((stamp, s))
+    means = {}
+    for g, items in groups.items():
+        m = {k: statistics.mean(v) if v else None for k, v in {
+            "bleu": [st["score"]["bleu"] for st, _ in items], "chrf": [st["score"]["chrf"] for st, _ in items],
+            "best_valid": [s["best_valid"] for _, s in items if "best_valid" in s],
+            "final_valid": [s["final_valid"] for _, s in items if "final_valid" in s],
+            "gap": [s["gap"] for _, s in items if "gap" in s]}.items()}
+        means[g] = m
+        lines.append(f"| {g} | {len(items)} | {m['bleu']:.2f} | {m['chrf']:.2f} | {_f(m['best_valid'])} | "
+                     f"{_f(m['final_valid'])} | {_f(m['gap'], '{:+.3f}')} |")
+    lines += ["", "Paired bootstrap resampling (sacrebleu --paired-bs, 1000 resamples; p: that the difference is "
+              "chance):", "", "| baseline | system | BLEU base / sys | p | chrF base / sys | p |", "|---|---|---|---|---|---|"]
+    ref = out / "data" / "raw" / "test.en"
+    for base, other in pairs(done):
+        res = paired_bootstrap(ref, out / "runs" / base / "hyp.txt", [out / "runs" / other / "hyp.txt"])
+        b, o = res[0], res[1]
+        lines.append(f"| {base} | {other} | {b['BLEU']['score']:.2f} / {o['BLEU']['score']:.2f} | "
+                     f"{o['BLEU']['p_value']:.4f} | {b['chrF2']['score']:.2f} / {o['chrF2']['score']:.2f} | "
+                     f"{o['chrF2']['p_value']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md.tmp").write_text(text)
+    os.replace(out / "results.md.tmp", out / "results.md")
+    (out / "results.json.tmp").write_text(json.dumps({n: {"stamp": st, "summary": s} for n, (_, st, s) in done.items()},
+                                                     indent=1) + "\n")
+    os.replace(out / "results.json.tmp", out / "results.json")
+    plot(rows, means, plot_dir)
+    print(text)
+
+
+def pairs(done):
+    """(baseline, system) run names to test: MoEC against MoE at the same E and seed; the E=32 ablations and the
+    kept-mask evaluation against MoEC with all its parts."""
+    out = []
+    for name, (run, _, _) in done.items():
+        if run.group.startswith("moec") and run.group[4:].isdigit():
+            base = f"moe{run.group[4:]}-s{run.seed}"
+        elif run.group.startswith("moec32-"):
+            base = f"moec32-s{run.seed}"
+        else:
+            continue
+        if base in done:
+            out.append((base, name))
+    return out
+
+
+def plot(rows, means, plot_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = {}
+    for run, stamp, s in rows:
+        if run.evaluate_of or not s["curve"]:
+            continue
+        color = colors.setdefault(run.group, f"C{len(colors)}")
+        ax.plot(*zip(*s["curve"]), color=color, linestyle="-" if run.seed == 1 else "--", marker=".",
+                label=run.name + ("" if stamp else " (unfinished)"))
+    ax.set(xlabel="update", ylabel="valid loss (bits, label-smoothed CE)", title="Valid loss, 8k-pair Bible es-en")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, plt, Path(plot_dir) / "study_v2_valid_loss.png")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for kind, color in (("moe", "C1"), ("moec", "C2")):
+        pts = sorted((int(g[len(kind):]), m["bleu"]) for g, m in means.items()
+                     if g.startswith(kind) and g[len(kind):].isdigit())
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, label=kind.upper() + " (mean over seeds)")
+    if "dense" in means:
+        ax.axhline(means["dense"]["bleu"], color="C0", linestyle=":", label="dense")
+    ax.set(xscale="log", xlabel="experts E", ylabel="test BLEU (best-valid checkpoint)", title="BLEU against E")
+    ax.set_xticks([8, 32], ["8", "32"])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, plt, Path(plot_dir) / "study_v2_bleu_vs_experts.png")
+
+
+def _save(fig, plt, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(str(path) + ".tmp.png", dpi=90)
+    os.replace(str(path) + ".tmp.png", path)
+    plt.close(fig)
