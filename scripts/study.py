@@ -111,7 +111,8 @@ def train_cmd(args, run, data_bin, rdir):
                   "--criterion", "moec_label_smoothed_cross_entropy",
                   "--moe-encoder-layers", "1", "--moe-decoder-layers", "1", "--moe-expert-count", str(run.experts),
                   "--moe-clusters", str(run.clusters), "--cluster-dropout", str(run.cluster_dropout),
-                  "--cluster-dropout-interval", str(args.dropout_interval)] + list(run.cluster_args)
+                  "--cluster-dropout-interval", str(args.dropout_interval),
+                  "--moe-seed", str(run.seed)] + list(run.cluster_args)  # seeds differ in dropout masks too
 
 
 # --- data --------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_plan_runs_and_their_flags(tmp_path):
     # MoEC: clusters of 8 (G = 4 at E = 32), dropout 0.5, and the cluster weight is the plugin's default
     assert (flag(cmd, "--moe-expert-count"), flag(cmd, "--moe-clusters"), flag(cmd, "--cluster-dropout")) == \
         ("32", "4", "0.5")
-    assert "--moe-cluster-weight" not in cmd and flag(cmd, "--seed") == "2"
+    assert "--moe-cluster-weight" not in cmd and flag(cmd, "--seed") == flag(cmd, "--moe-seed") == "2"
     assert flag([str(c) for c in study.train_cmd(args, runs["moec8-s1"], Path("bin"), tmp_path)],
                 "--moe-clusters") == "2"  # at least 2 clusters
     moe = [str(c) for c in study.train_cmd(args, runs["moe32-s1"], Path("bin"), tmp_path)]
