@@ -3,15 +3,17 @@
 Importing registers the ``moec_transformer`` model and its architectures, the
 ``moec_label_smoothed_cross_entropy`` criterion, the ``translation_moec`` task and the ``torch_adam`` optimizer,
 lets fairseq checkpoints load under torch's weights_only unpickler, restores upstream fairseq's batching (see batching_fix), lets
-torchrun drive fairseq-train on CPU (torchrun_fix) and teaches fairseq's Trainer expert parallelism
+torchrun drive fairseq-train on CPU (torchrun_fix), lets fairseq-train --bf16 run on GPUs/CPUs (bf16_fix) and teaches fairseq's Trainer expert parallelism
 (expert_parallel: gradients, gradient norm, per-process checkpoints, atomic checkpoint copies).
 """
 from .batching_fix import keep_last_batches
+from .bf16_fix import allow_bf16_without_tpu
 from .checkpoint_safety import allow_fairseq_checkpoint_globals
 from .expert_parallel import install_trainer_hooks
 from .torchrun_fix import fix_torchrun_on_cpu
 
 allow_fairseq_checkpoint_globals()
+allow_bf16_without_tpu()
 keep_last_batches()
 fix_torchrun_on_cpu()
 install_trainer_hooks()
