@@ -6,6 +6,7 @@ loop. On the CPU torch._grouped_mm runs in bf16 (torch 2.13) through torch's fal
 accumulation; the CUDA kernel of H100-class GPUs is measured by benchmarks/gpu_check.sh (benchmarks/expert_precision.py).
 """
 import math
+import re
 
 import pytest
 import torch
@@ -137,3 +138,32 @@ def test_grouped_call_only_where_torch_has_the_fused_kernel(monkeypatch, device,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     rows = SimpleNamespace(dtype=dtype, device=torch.device(device))  # no GPU here: a stand-in for the rows
     assert grouped_mm_available(rows) is grouped
+
+
+@pytest.mark.slow  # two short fairseq-train runs
+@pytest.mark.parametrize("precision", [["--bf16"], ["--memory-efficient-bf16", "--optimizer", "adam"]])
+def test_fairseq_train_in_bf16_with_the_recipe_moe_flags(tiny_corpus, tmp_path, precision):
+    """fairseq-train --bf16 (fp32 master weights) and --memory-efficient-bf16 (bf16 weights, fairseq's adam with
+    fp32 moments) train on the CPU with the WMT recipe's MoE flags. fairseq 0.12 turns --bf16 into --tpu too;
+    without the plugin's bf16_fix the run stops at torch_xla."""
+    from conftest import TINY_MOEC_ARGS, cli, run
+
+    _, _, data_bin = tiny_corpus
+    recipe_moe = ["--moe-expert-count", "8", "--moe-clusters", "2", "--cluster-dropout", "0.5",
+                  "--cluster-dropout-reroute", "cluster", "--moe-top-k", "1", "--moe-router", "cosine",
+                  "--moe-expert-sublayers", "3", "--moe-cluster-loss", "intra", "--clip-norm", "0.1"]
+    proc = run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, *recipe_moe, *precision, "--max-update", "2",
+                "--save-dir", tmp_path])
+    log = proc.stdout + proc.stderr
+    assert "torch_xla is not installed, so no TPU: training in bf16 on the CPU" in log
+    losses = [float(v) for v in re.findall(r'"loss": "([0-9.naninf-]+)"', log)]
+    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), log[-2000:]
+    state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    # fairseq saves weights as fp32 whatever the training dtype; the run's config and optimizer wrapper tell
+    common = state["cfg"]["common"]
+    assert common["bf16"] and not common["tpu"] and not common["fp16"]
+    wrapper = "MemoryEfficientFP16Optimizer" if "--memory-efficient-bf16" in precision else "FP16Optimizer"
+    assert state["optimizer_history"][-1]["optimizer_name"] == wrapper  # fairseq's bf16 wrappers (no loss scale)
+    assert state["optimizer_history"][-1]["num_updates"] == 2
+    experts = [k for k in state["model"] if ".experts.fc" in k]
+    assert len(experts) == 2 * 2 * 3 * 2  # enc + dec layer, fc1 + fc2, 3 sublayers, weight + bias
