@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import sharded_checkpoint as sc
 from .modules import ExpertParallel, MoEConfig, MoELayer
+from .modules.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _refuse_unsupported(args, W: int) -> None:
         problems.append("--fp16/--bf16 with flattened gradients (add --fp16-no-flatten-grads, or use "
                         "--memory-efficient-fp16/--memory-efficient-bf16)")
     if problems:
-        raise ValueError(f"--moe-expert-parallel auto (on {W} processes) does not work with: "
+        raise ConfigError(f"--moe-expert-parallel auto (on {W} processes) does not work with: "
                          + "; ".join(problems) + ". Or use --moe-expert-parallel off (every expert on every process)")
 
 
@@ -144,6 +145,12 @@ def _optimizer_param_names(trainer) -> List[str]:
 _orig = {name: getattr(Trainer, name) for name in (
     "should_save_checkpoint_on_current_rank", "checkpoint_suffix", "save_checkpoint", "load_checkpoint",
     "clip_grad_norm")}
+
+
+def main_checkpoint_suffix(trainer) -> str:
+    """fairseq's checkpoint suffix of this process, without the expert-parallel shard suffix: the suffix of
+    the main checkpoint file that every process loads."""
+    return _orig["checkpoint_suffix"].fget(trainer)
 
 
 def _should_save_checkpoint_on_current_rank(self) -> bool:

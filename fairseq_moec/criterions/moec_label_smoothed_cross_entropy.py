@@ -1,4 +1,5 @@
 """Label-smoothed cross-entropy plus the weighted MoE losses, with per-layer routing metrics in the logs."""
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -6,6 +7,8 @@ from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion, LabelSmoothedCrossEntropyCriterionConfig)
+
+from ..modules.config import ConfigError
 
 # Per-layer statistics logged as moe_<layer>_<stat>: token-weighted averages, so that they aggregate
 # correctly across processes and gradient-accumulation steps (fairseq sums logging outputs).
@@ -30,6 +33,11 @@ class MoECLabelSmoothedCrossEntropy(LabelSmoothedCrossEntropyCriterion):
                  moe_balance_weight=0.01, moe_cluster_weight=0.01, moe_z_weight=0.0):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.weights = {"balance": moe_balance_weight, "cluster": moe_cluster_weight, "z": moe_z_weight}
+        for term, w in self.weights.items():  # a negative weight rewards imbalance: routing collapses
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ConfigError(f"--moe-{term}-weight: must be a finite number >= 0, got {w!r}")
+        if not (math.isfinite(label_smoothing) and 0 <= label_smoothing < 1):
+            raise ConfigError(f"--label-smoothing: must be in [0, 1), got {label_smoothing!r}")
 
     def forward(self, model, sample, reduce=True):
         loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)

@@ -5,7 +5,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import List
 
-from ..modules.config import MoEConfig
+from ..modules.config import ConfigError, MoEConfig
 
 
 @dataclass
@@ -43,18 +43,18 @@ def moe_layer_indices(args, side: str) -> List[int]:
     flag = f"--moe-{side}-layers"
     explicit = getattr(args, f"moe_{side}_layers") or ""
     if args.moe_every < 0:
-        raise ValueError(f"--moe-every: must be >= 0, got {args.moe_every}")
+        raise ConfigError(f"--moe-every: must be >= 0, got {args.moe_every}")
     if args.moe_every and (args.moe_encoder_layers or args.moe_decoder_layers):
-        raise ValueError("--moe-every: cannot be combined with --moe-encoder-layers/--moe-decoder-layers")
+        raise ConfigError("--moe-every: cannot be combined with --moe-encoder-layers/--moe-decoder-layers")
     if args.moe_every:
         return list(range(args.moe_every - 1, num_layers, args.moe_every))
     try:
         indices = sorted({int(i) for i in explicit.split(",") if i.strip()})
     except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated integers, got {explicit!r}") from None
+        raise ConfigError(f"{flag}: expected comma-separated integers, got {explicit!r}") from None
     for i in indices:
         if not 0 <= i < num_layers:
-            raise ValueError(f"{flag}: layer {i} out of range for --{side}-layers={num_layers} "
+            raise ConfigError(f"{flag}: layer {i} out of range for --{side}-layers={num_layers} "
                              f"(allowed 0..{num_layers - 1})")
     return indices
 
@@ -63,7 +63,7 @@ def validate(args) -> MoEConfig:
     """Check every MoE option before anything is built; errors name the offending flag."""
     enc, dec = moe_layer_indices(args, "encoder"), moe_layer_indices(args, "decoder")
     if not enc and not dec:
-        raise ValueError("--moe-encoder-layers/--moe-decoder-layers/--moe-every: no layer is a MoE layer")
+        raise ConfigError("--moe-encoder-layers/--moe-decoder-layers/--moe-every: no layer is a MoE layer")
     return MoEConfig.from_namespace(args).validate()
 
 

@@ -3,6 +3,8 @@
 Each field becomes the command-line flag ``--<field with dashes>`` in the fairseq glue, so error messages
 name the flag a user typed. Plain dataclass, no fairseq import.
 """
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -13,6 +15,18 @@ LOSS_NORMS = ("relative", "official")
 ACTIVATIONS = ("relu", "gelu")
 EXPERT_PARALLEL = ("auto", "off")
 PLACEMENTS = ("contiguous", "cluster")
+MAX_MOE_SEED = 2**64 - 1  # cluster-dropout generators are seeded modulo 2**64 (dropout.py): larger seeds would alias
+
+
+class ConfigError(ValueError):
+    """A bad option value, combination or input file, with a message naming the flag or file. The fairseq
+    commands print it as one line, as argparse does (fairseq_moec/cli_errors.py)."""
+
+
+def experts_dropped_per_cluster(rate: float, cluster_size: int) -> int:
+    """The one rounding rule of cluster dropout: floor(rate * m + 1/2), halves round up (not Python's round,
+    which rounds 0.5 and 2.5 down to even). The 1e-9 keeps products like 0.58 * 25 = 14.4999... on the half."""
+    return math.floor(rate * cluster_size + 0.5 + 1e-9)
 
 
 def _opt(default, help, choices=None):
@@ -35,12 +49,12 @@ class MoEConfig:
     moe_capacity_factor: Optional[float] = _opt(None, "training capacity factor; tokens over capacity are dropped (skip the layer). Unset = dropless")
     moe_eval_capacity_factor: Optional[float] = _opt(None, "capacity factor for validation and generation. Unset = dropless")
     moe_jitter_eps: float = _opt(0.0, "multiplicative jitter noise on router input during training, uniform in [1-eps, 1+eps]")
-    cluster_dropout: float = _opt(0.0, "fraction of experts dropped inside every cluster during training (round(p*E/G), >=1 survivor per cluster)")
+    cluster_dropout: float = _opt(0.0, "fraction p of experts dropped inside every cluster during training: floor(p*m + 1/2) of the m = E/G experts of each cluster (halves round up), at least 1 dropped and 1 kept, else refused; 0 = off")
     cluster_dropout_interval: int = _opt(250, "resample the dropped experts every this many optimizer updates")
     cluster_dropout_reroute: str = _opt("cluster", "where a token whose expert is dropped goes: best survivor in the same 'cluster', or 'global' best survivor", REROUTES)
     moe_cluster_loss: str = _opt("intra", "cluster variance loss: 'intra' (mean within-cluster variance of routing mass) or 'ratio' (intra / inter)", CLUSTER_LOSSES)
     moe_cluster_loss_norm: str = _opt("relative", "scale of the cluster loss: 'relative' = variance of E' x (mean router probability of each expert over tokens), 1 for every expert of a uniform router (E' = experts not dropped), so --moe-cluster-weight means the same at every E and batch size; 'official' = the official MoEC code's term (unbiased variance of masses summed over tokens, times E'; grows with tokens^2)", LOSS_NORMS)
-    moe_seed: int = _opt(1, "seed of the cluster-dropout masks (combined with the layer id and the resample period)")
+    moe_seed: int = _opt(1, "seed of the cluster-dropout masks (combined with the layer id and the resample period), 0 .. 2^64-1")
     moe_expert_parallel: str = _opt("auto", "with W > 1 training processes: 'auto' gives each process E/W of the experts (--moe-expert-count must be a multiple of W; tokens travel to their expert's process and back, checkpoints are written per process); 'off' keeps every expert on every process (plain data parallelism)", EXPERT_PARALLEL)
     moe_expert_placement: str = _opt("contiguous", "expert parallelism: process r holds experts r*E/W .. (r+1)*E/W-1. 'contiguous': any --moe-clusters (a cluster lies whole on one process when G % W == 0, otherwise clusters straddle processes); 'cluster': the same blocks, but refuse to start unless every cluster lies whole on one process (G % W == 0)", PLACEMENTS)
 
@@ -50,12 +64,22 @@ class MoEConfig:
 
     @property
     def dropped_per_cluster(self) -> int:
-        return int(round(self.cluster_dropout * self.cluster_size))
+        return experts_dropped_per_cluster(self.cluster_dropout, self.cluster_size)
 
     def validate(self) -> "MoEConfig":
-        """Raise ValueError naming the flag for every invalid value or combination."""
+        """Raise ConfigError naming the flag for every invalid value or combination."""
         def bad(name, msg):
-            raise ValueError(f"--{name.replace('_', '-')}: {msg}")
+            raise ConfigError(f"--{name.replace('_', '-')}: {msg}")
+
+        for f in fields(self):  # numbers: of their type, and finite (nan and inf pass most comparisons wrongly)
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.type is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                bad(f.name, f"must be an integer, got {value!r}")
+            if f.type in (float, Optional[float]):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    bad(f.name, f"must be a finite number, got {value!r}")
 
         E, G = self.moe_expert_count, self.moe_clusters
         if E < 1:
@@ -76,7 +100,7 @@ class MoEConfig:
                 bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.moe_router_dim < 1:
             bad("moe_router_dim", f"must be >= 1, got {self.moe_router_dim}")
-        if self.moe_router_temperature <= 0:
+        if not self.moe_router_temperature > 0:
             bad("moe_router_temperature", f"must be > 0, got {self.moe_router_temperature}")
         for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
             cf = getattr(self, name)
@@ -87,25 +111,36 @@ class MoEConfig:
         if not 0.0 <= self.cluster_dropout < 1.0:
             bad("cluster_dropout", f"must be in [0, 1), got {self.cluster_dropout}")
         if self.cluster_dropout > 0:
-            if self.dropped_per_cluster >= self.cluster_size:
-                bad("cluster_dropout", f"{self.cluster_dropout} drops {self.dropped_per_cluster} of the "
-                    f"{self.cluster_size} experts in each cluster, leaving it empty")
+            m, dropped = self.cluster_size, self.dropped_per_cluster
+            if m == 1:
+                bad("cluster_dropout", f"clusters of 1 expert (--moe-expert-count {E} / --moe-clusters {G}) "
+                    f"cannot drop an expert and keep one: use --cluster-dropout 0, or fewer --moe-clusters")
+            if dropped == 0:
+                smallest = math.ceil(0.5 / m * 10**4) / 10**4  # 4 decimals, rounded up: it does drop one
+                bad("cluster_dropout", f"{self.cluster_dropout} drops no expert in clusters of {m} "
+                    f"(floor({self.cluster_dropout}*{m} + 1/2) = 0), which would train as plain MoE: the "
+                    f"smallest rate that drops one expert is {smallest:g}; 0 turns cluster dropout off")
+            if dropped >= m:
+                bad("cluster_dropout", f"{self.cluster_dropout} drops {dropped} of the "
+                    f"{m} experts in each cluster, leaving it empty")
             if E - G * self.dropped_per_cluster < self.moe_top_k:
                 bad("cluster_dropout", f"leaves fewer than --moe-top-k={self.moe_top_k} experts")
         if self.cluster_dropout_interval < 1:
             bad("cluster_dropout_interval", f"must be >= 1, got {self.cluster_dropout_interval}")
+        if not 0 <= self.moe_seed <= MAX_MOE_SEED:
+            bad("moe_seed", f"must be in 0 .. 2^64-1, got {self.moe_seed}")
         return self
 
     def validate_expert_parallel(self, world_size: int) -> "MoEConfig":
-        """Raise ValueError, naming the flags, when the experts cannot be split over ``world_size`` processes."""
+        """Raise ConfigError, naming the flags, when the experts cannot be split over ``world_size`` processes."""
         E, G, W = self.moe_expert_count, self.moe_clusters, world_size
         if E % W:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-expert-count: {E} experts cannot be split evenly over {W} processes (expert parallelism "
                 f"gives each process E/W experts): use a multiple of {W}, or --moe-expert-parallel off to keep "
                 f"every expert on every process")
         if self.moe_expert_placement == "cluster" and G % W:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-expert-placement cluster: the {G} clusters of {E // G} experts (--moe-clusters {G}) cannot "
                 f"lie whole on {W} processes holding {E // W} experts each; it needs --moe-clusters to be a "
                 f"multiple of {W}, or use --moe-expert-placement contiguous")
