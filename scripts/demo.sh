@@ -240,8 +240,8 @@ fi
 # shellcheck disable=SC2206
 [ -n "$EXTRA_TRAIN_ARGS" ] && TRAIN_ARGS+=($EXTRA_TRAIN_ARGS)
 # the key leaves out the arguments that name the checkout (--user-dir), so a moved checkout keeps its models
-KEY_TRAIN=$( { echo "$KEY_BIN $PROFILE"; for a in "${TRAIN_ARGS[@]}"; do [[ $a == "$ROOT"* ]] || printf '%s\n' "$a"; done; } \
-  | hash)
+KEY_TRAIN=$( { echo "$KEY_BIN $PROFILE"
+              for a in "${TRAIN_ARGS[@]}"; do [[ $a == "$ROOT"* ]] || printf '%s\n' "$a"; done; } | hash)
 MODEL="$DIR/$PROFILE-$KEY_TRAIN"
 mkdir -p "$MODEL/stamps"
 STAMPS="$MODEL/stamps"  # train, generate and score are stamped per model: switching settings back and forth reuses them

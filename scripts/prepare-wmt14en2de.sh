@@ -167,11 +167,11 @@ on_exit() {
   [[ -n $STEP_TMP && -e $STEP_TMP ]] && rm -rf "$STEP_TMP"
   if [[ $rc != 0 && -n $STEP ]]; then
     if [[ -n $STEP_TMP ]]; then
-      say "prepare-wmt14en2de.sh: error: step '$STEP' did not finish (exit status $rc); its partial output was removed. Finished" \
-          "steps are kept: rerun the same command to resume."
+      say "prepare-wmt14en2de.sh: error: step '$STEP' did not finish (exit status $rc); its partial output" \
+          "was removed. Finished steps are kept: rerun the same command to resume."
     else
-      say "prepare-wmt14en2de.sh: error: step '$STEP' did not finish (exit status $rc). Verified archives are kept and partial" \
-          "downloads resume: rerun the same command."
+      say "prepare-wmt14en2de.sh: error: step '$STEP' did not finish (exit status $rc). Verified archives" \
+          "are kept and partial downloads resume: rerun the same command."
     fi
   fi
 }

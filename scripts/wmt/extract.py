@@ -11,8 +11,9 @@ sacrebleu's wmt14/full, so the raw test.de is the reference that sacrebleu score
 Archives are streamed once each (only the needed members are read; nothing is unpacked to disk), and the bytes
 read are hashed on the way: they must match the sha256 that fetch.py recorded in ORIG/FILE.sha256 when it
 verified the file, so an archive replaced after verification (ORIG/FILE may be a link to an --archives copy)
-is refused rather than used unverified. Lines are split on '\\n' only. Any inconsistency is an error: a missing member, a source/target line-count mismatch, an
-empty corpus, a malformed sgm file, or a truncated archive.
+is refused rather than used unverified. Lines are split on '\\n' only. Any inconsistency is an error: a
+missing member, a source/target line-count mismatch, an empty corpus, a malformed sgm file, or a truncated
+archive.
 """
 import argparse
 import hashlib
