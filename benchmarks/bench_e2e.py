@@ -139,9 +139,18 @@ def criterion_args(kind):
             "--label-smoothing", "0.1"]
 
 
+def device_args(args):
+    return ["--cpu"] if args.device == "cpu" else []
+
+
+def precision_args(args):
+    """Training precision (generation runs in fp32 for both models)."""
+    return {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[args.precision]
+
+
 def train_cmd(args, kind, data_bin, rdir, max_update):
     return ([cli("fairseq-train"), data_bin, "--source-lang", args.source_lang, "--target-lang", args.target_lang,
-             "--cpu", "--num-workers", "0", "--seed", "1",
+             *device_args(args), *precision_args(args), "--num-workers", "0", "--seed", "1",
              "--optimizer", args.optimizer, "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
              "--warmup-updates", "150", "--warmup-init-lr", "1e-07", "--max-tokens", args.max_tokens,
              "--max-update", max_update, "--disable-validation", "--save-dir", rdir / "ckpt",
@@ -155,7 +164,7 @@ def gen_cmd(args, kind, data_bin, rdir):
     L = str(args.gen_len)
     return [cli("fairseq-generate"), data_bin, "--source-lang", args.source_lang, "--target-lang", args.target_lang,
             "--user-dir", PLUGIN, "--task", "translation" if kind == "dense" else "translation_moec",
-            "--path", rdir / "ckpt" / "checkpoint_last.pt", "--gen-subset", args.gen_subset, "--cpu",
+            "--path", rdir / "ckpt" / "checkpoint_last.pt", "--gen-subset", args.gen_subset, *device_args(args),
             "--beam", args.beam, "--batch-size", args.gen_batch, "--required-batch-size-multiple", "1",
             "--min-len", L, "--max-len-a", "0", "--max-len-b", L, "--num-workers", "0"]
 
@@ -207,7 +216,9 @@ def machine_info(args):
             "torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
-                    if k in os.environ}}
+                    if k in os.environ}, "device": args.device, "precision": args.precision}
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
     try:
         with open("/proc/cpuinfo") as fh:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
@@ -248,12 +259,16 @@ def main(argv=None):
     p.add_argument("--gen-reps", type=int, default=2)
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: fairseq's default GPU")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="training precision of both models (bf16: the WMT recipe's; the experts then run "
+                        "torch._grouped_mm on H100-class GPUs)")
     p.add_argument("--models", default="dense,moec")
     p.add_argument("--optimizer", default="torch_adam", choices=["torch_adam", "adam"],
                    help="torch_adam: fused AdamW (the plugin's); adam: fairseq's per-parameter loop")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1000-piece vocab on 2000 pairs, "
                    "4 updates, 20 test sentences")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e_cpu.json)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e_<device>.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.train_pairs, args.updates, args.chunks = 1000, 2000, 4, 1
@@ -261,7 +276,7 @@ def main(argv=None):
         args.gen_sentences, args.gen_len, args.gen_reps, args.log_interval = 20, 8, 1, 1
         args.max_tokens = 1024
         args.work = str(Path(args.work).with_name(Path(args.work).name + "_quick"))
-        args.out = args.out or str(HERE / "results" / "e2e_cpu_quick.json")
+        args.out = args.out or str(HERE / "results" / f"e2e_{args.device}_quick.json")
     for name in ("layers", "dim", "ffn", "heads", "experts", "clusters", "max_tokens", "log_interval", "beam",
                  "gen_batch"):
         setattr(args, name, str(getattr(args, name)))
@@ -355,7 +370,7 @@ def main(argv=None):
     if "train_wps_ratio_moec_over_dense" in result:
         print(f"{'moec/dense':<8}{result['train_wps_ratio_moec_over_dense']:>20.3f}"
               f"{result['generate_sps_ratio_moec_over_dense']:>22.3f}")
-    out = Path(args.out) if args.out else HERE / "results" / "e2e_cpu.json"
+    out = Path(args.out) if args.out else HERE / "results" / f"e2e_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     log(f"wrote {out} ({info['elapsed_s']}s)")

@@ -3,7 +3,8 @@
 Against an independent fp64 reference (a per-expert loop written here), outputs and every gradient (input, every
 expert weight and bias) to a tolerance scaled to bf16's precision, and what it keeps for backward against the fp16
 loop. On the CPU torch._grouped_mm runs in bf16 (torch 2.13) through torch's fallback, a loop of matmuls with fp32
-accumulation; the CUDA kernel of H100-class GPUs is measured by benchmarks/gpu_check.sh (benchmarks/expert_precision.py).
+accumulation, not the fused CUDA kernel of H100-class GPUs: benchmarks/recipe_check.py measures that one (run by
+benchmarks/gpu_check.sh).
 """
 import math
 import re

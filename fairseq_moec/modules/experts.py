@@ -9,11 +9,11 @@ import torch.nn.functional as F
 def grouped_mm_available(x: torch.Tensor) -> bool:
     """Whether the experts run as one ``torch._grouped_mm`` call per linear map (no host synchronisation).
 
-    torch's grouped kernel (torch 2.8-2.13) takes bf16 only, and on CUDA only for compute capability 9.x and 10.x
-    (H100, H200, B200). Elsewhere on CUDA ``_grouped_mm`` falls back to a loop that copies the group offsets to
-    the host at every call, three times per linear map and step, worse than our loop's one read of the split
-    sizes: there (an A100 in bf16, any GPU in fp16) the loop runs. On the CPU and the meta device (tests) bf16
-    takes the grouped call.
+    torch has a fused grouped kernel only for bf16 on CUDA devices of compute capability 9.x and 10.x (H100,
+    H200, B200). Elsewhere on CUDA ``_grouped_mm`` falls back to a loop that copies the group offsets to the host
+    at every call, three times per linear map and step, worse than our loop's one read of the split sizes: there
+    (an A100 in bf16, any GPU in fp16) the loop runs. On the CPU and the meta device (tests) bf16 takes the
+    grouped call (on the CPU torch's fallback loop, which needs no device-to-host copy).
     """
     if not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16:
         return False
@@ -148,8 +148,10 @@ class ExpertFFNs(nn.Module):
         super().__init__()
         self.local_experts = range(num_experts) if local_experts is None else local_experts
         self.num_experts = len(self.local_experts)  # experts held here (all of them without expert parallelism)
-        self.fc1 = nn.ModuleList(GroupedLinear(num_experts, embed_dim, ffn_dim, local_experts) for _ in range(sublayers))
-        self.fc2 = nn.ModuleList(GroupedLinear(num_experts, ffn_dim, embed_dim, local_experts) for _ in range(sublayers))
+        self.fc1 = nn.ModuleList(GroupedLinear(num_experts, embed_dim, ffn_dim, local_experts)
+                                 for _ in range(sublayers))
+        self.fc2 = nn.ModuleList(GroupedLinear(num_experts, ffn_dim, embed_dim, local_experts)
+                                 for _ in range(sublayers))
         self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
         self.activation_dropout = nn.Dropout(activation_dropout)
 
