@@ -23,11 +23,15 @@ from conftest import BIN, FIXTURE, PLUGIN, ROOT, TINY_MOEC_ARGS, cli, run
 
 W, D, F = 2, 16, 24
 # (config, tokens per process): top-1 with cluster dropout and padding; top-2 with token dropping (capacity)
-# and process 1 holding padding only, so that it sends nothing and still serves its experts.
+# and process 1 holding padding only, so that it sends nothing and still serves its experts; clusters that
+# straddle the processes (G = 3 is not a multiple of W: process 0 holds experts 0-2, process 1 experts 3-5, so
+# cluster 1 = {2, 3} lies on both) with cluster dropout: a token rerouted inside its cluster changes process.
 CASES = [
     (dict(moe_expert_count=8, moe_clusters=2, cluster_dropout=0.5, moe_expert_sublayers=2), (13, 9)),
     (dict(moe_expert_count=4, moe_clusters=2, moe_top_k=2, moe_capacity_factor=0.6, moe_router="cosine"), (17, 0)),
+    (dict(moe_expert_count=6, moe_clusters=3, cluster_dropout=0.5), (15, 11)),
 ]
+STRADDLING = 2
 
 
 def free_port() -> int:
@@ -114,15 +118,22 @@ def test_two_processes_match_one_process_holding_all_experts(tmp_path):
     mp.spawn(ep_worker, args=(free_port(), str(tmp_path)), nprocs=W)
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(W)]
     ranks = [s["layer"] for s in saved]
+    crossed = 0  # straddling case: tokens rerouted from a dropped expert to a survivor on the other process
     for c, case in enumerate(CASES):
         full = build_layer(case)  # one process, all experts, the two processes' batches one after the other
+        full.keep_routing = True
+        E = case[0]["moe_expert_count"]
         for r in range(W):
             x, pad, proj = make_inputs(case, r)
             out, loss = loss_of(full, x, pad, proj)
             loss.backward()
+            if c == STRADDLING:
+                preferred = full.router(x[~pad]).argmax(-1)  # the choice without dropout
+                chosen = full.last_routing[1][:, 0]
+                assert torch.equal(preferred // 2, chosen // 2)  # rerouted inside its cluster (m = 2)
+                crossed += int((preferred // (E // W) != chosen // (E // W)).sum())
             torch.testing.assert_close(ranks[r][c]["out"], out.detach(), atol=1e-5, rtol=0)
             torch.testing.assert_close(ranks[r][c]["x_grad"], x.grad, atol=1e-5, rtol=0)
-        E = case[0]["moe_expert_count"]
         for name, p in full.named_parameters():
             if name.startswith("experts."):  # each process holds E/W experts: compare with its block
                 for r in range(W):
@@ -131,6 +142,7 @@ def test_two_processes_match_one_process_holding_all_experts(tmp_path):
             else:  # router: replicated, its gradient is the sum over processes
                 total = sum(ranks[r][c]["grads"][name] for r in range(W))
                 torch.testing.assert_close(total, p.grad, atol=1e-5, rtol=0)
+    assert crossed > 0
 
     # through fairseq's DDP wrappers and gradient scaling: single-process training on the union of the batches
     full = SharedThenMoE()
