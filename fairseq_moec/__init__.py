@@ -8,7 +8,7 @@ torchrun drive fairseq-train on CPU (torchrun_fix), lets fairseq-train --bf16 ru
 unusable inputs before training (input_checks: a fresh start over existing checkpoints, unreadable checkpoints,
 empty data files) and has the fairseq commands print bad flags and files as one line (cli_errors).
 """
-from .batching_fix import keep_last_batches
+from .batching_fix import build_batches_as_in_first_epoch, keep_last_batches
 from .bf16_fix import allow_bf16_without_tpu
 from .checkpoint_safety import allow_fairseq_checkpoint_globals
 from .cli_errors import print_config_errors_as_one_line
@@ -19,6 +19,7 @@ from .torchrun_fix import fix_torchrun_on_cpu
 allow_fairseq_checkpoint_globals()
 allow_bf16_without_tpu()
 keep_last_batches()
+build_batches_as_in_first_epoch()
 fix_torchrun_on_cpu()
 install_trainer_hooks()
 install_input_checks()

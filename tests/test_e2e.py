@@ -1,4 +1,5 @@
-"""The real command-line path: preprocess (fixture) -> train -> stop -> resume identically -> generate -> sacrebleu."""
+"""The real command-line path: preprocess (fixture) -> train -> stop -> resume identically -> generate -> sacrebleu;
+resuming from the end of an epoch and inside the next one."""
 import json
 import re
 
@@ -13,9 +14,9 @@ from conftest import FIXTURE, TINY_MOEC_ARGS, cli, run
 pytestmark = pytest.mark.slow
 
 
-def train(data_bin, save_dir, max_update):
+def train(data_bin, save_dir, max_update, *extra):
     proc = run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, "--max-update", max_update,
-                "--save-interval-updates", "4", "--save-dir", save_dir])
+                "--save-interval-updates", "4", "--save-dir", save_dir, *extra])
     return {int(rec["num_updates"]): rec for rec in
             (json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", proc.stdout + proc.stderr))}
 
@@ -46,3 +47,26 @@ def test_train_resume_generate_score(tiny_corpus, tmp_path):
     assert 0.0 <= bleu.corpus_score(ordered, [refs]).score <= 100.0
     assert chrf.corpus_score(ordered, [refs]).score > 0.0
     assert "tok:13a" in str(bleu.get_signature())
+
+
+def test_resume_from_an_epoch_end_and_inside_the_next_epoch(tiny_corpus, tmp_path):
+    """fairseq-fixed builds a run's batches with the seed of the epoch the run starts in: a run resumed in epoch 2
+    put sentences of equal length in other places than the uninterrupted run (batching_fix.py, item 2)."""
+    _, _, data_bin = tiny_corpus
+    short_epochs = ["--max-tokens", "6000", "--disable-validation"]  # 8 updates an epoch
+    first = train(data_bin, tmp_path / "resumed", "1000", "--max-epoch", "1", *short_epochs)
+    n = max(first)  # the updates of one epoch
+    state = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["extra_state"]
+    assert state["train_iterator"]["epoch"] == 2 and state["train_iterator"]["iterations_in_epoch"] == 0
+    assert n >= 3, n
+
+    straight = train(data_bin, tmp_path / "straight", str(n + 2), *short_epochs)
+    after_epoch_end = train(data_bin, tmp_path / "resumed", str(n + 1), *short_epochs)
+    inside_epoch_2 = train(data_bin, tmp_path / "resumed", str(n + 2), *short_epochs)
+    assert sorted(after_epoch_end) == [n + 1] and sorted(inside_epoch_2) == [n + 2]
+    for update, resumed in ((n + 1, after_epoch_end), (n + 2, inside_epoch_2)):
+        for key in ("loss", "moe_loss", "moe_enc1_rerouted_frac", "moe_dec1_balance", "gnorm", "wpb"):
+            assert resumed[update][key] == straight[update][key], (update, key)
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
