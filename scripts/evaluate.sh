@@ -48,11 +48,12 @@ done
 [[ $LENPEN =~ ^-?([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] || die "--lenpen must be a number (e.g. 0.6), got '$LENPEN'"
 [[ $AVG_BY == updates || $AVG_BY == epochs ]] || die "--avg-by must be updates or epochs, got '$AVG_BY'"
 
-if [[ -n $CONFIG ]]; then
-  [[ -n $DATA ]] || DATA=$("$PY" "$HERE/wmt/flagfile.py" get "$CONFIG" data) || exit $?
-  if [[ -z $CKPT_DIR && -z $CKPT ]]; then
-    CKPT_DIR=$("$PY" "$HERE/wmt/flagfile.py" get "$CONFIG" save-dir) || exit $?
-  fi
+if [[ -n $CONFIG ]]; then  # the experiment's hydra config, composed by hydra
+  mapfile -t FROM_CONFIG < <("$PY" "$HERE/wmt/hydra_config.py" get "$CONFIG" --key task.data \
+                                 --key checkpoint.save_dir || echo failed)
+  [[ ${#FROM_CONFIG[@]} == 2 ]] || exit 2  # hydra_config.py said why
+  [[ -n $DATA ]] || DATA=${FROM_CONFIG[0]}
+  [[ -n $CKPT_DIR || -n $CKPT ]] || CKPT_DIR=${FROM_CONFIG[1]}
 fi
 [[ -n $DATA ]] || die "no data directory: pass --data DIR or --config CONFIG"
 [[ -n $CKPT_DIR || -n $CKPT ]] || die "nothing to evaluate: pass --checkpoint-dir DIR, --checkpoint FILE or --config CONFIG"

@@ -2,7 +2,7 @@
 # The paper's WMT'14 en-de comparison: dense Transformer, plain MoE and MoEC at 16/32/64 experts.
 #
 #   scripts/reproduce_table.sh [--run] [--sizes "big base"] [--experts "16 32 64"] [--gpus N] [--out FILE]
-#                              [--dry-run] [-- extra scripts/train.sh arguments]
+#                              [--dry-run] [-- extra scripts/train.sh arguments, e.g. hydra overrides]
 #
 # Without --run: collect the results that exist and write the markdown table (default
 # checkpoints/wmt14_en_de/results.md, relative to the current directory like the configs' --save-dir); a run
@@ -33,26 +33,32 @@ done
 CONFIGS=()
 for size in $SIZES; do
   [[ $size == big || $size == base ]] || die "--sizes: expected big and/or base, got '$size'"
-  CONFIGS+=("configs/wmt14_en_de/dense_$size.flags")
+  CONFIGS+=("dense_$size")
   for e in $EXPERTS; do
     [[ $e == 16 || $e == 32 || $e == 64 ]] || die "--experts: configs exist for 16, 32 and 64 experts, got '$e'"
-    CONFIGS+=("configs/wmt14_en_de/moe${e}_$size.flags" "configs/wmt14_en_de/moec${e}_$size.flags")
+    CONFIGS+=("moe${e}_$size" "moec${e}_$size")
   done
 done
-for c in "${CONFIGS[@]}"; do [[ -f $REPO/$c ]] || die "config not found: $REPO/$c"; done
+for c in "${CONFIGS[@]}"; do
+  [[ -f $REPO/configs/wmt14_en_de/$c.yaml ]] || die "config not found: $REPO/configs/wmt14_en_de/$c.yaml"
+done
 
 FAILED=()
 if [[ $RUN == 1 ]]; then
   GPU_ARGS=()
   [[ -n $GPUS ]] && GPU_ARGS=(--gpus "$GPUS")
-  for c in "${CONFIGS[@]}"; do
-    save_dir=$("$PY" "$HERE/wmt/flagfile.py" get "$REPO/$c" save-dir)
+  # every experiment's checkpoint.save_dir, composed by hydra in one go
+  mapfile -t SAVE_DIRS < <("$PY" "$HERE/wmt/hydra_config.py" get "${CONFIGS[@]}" --key checkpoint.save_dir \
+                           || echo failed)
+  [[ ${#SAVE_DIRS[@]} == "${#CONFIGS[@]}" ]] || exit 2  # hydra_config.py said why
+  for i in "${!CONFIGS[@]}"; do
+    c=${CONFIGS[i]} save_dir=${SAVE_DIRS[i]}
     if [[ -f $save_dir/eval-test/results.json ]]; then
       echo "[reproduce] $c: results exist, skipping ($save_dir/eval-test/results.json)" >&2
       continue
     fi
-    train=(bash "$HERE/train.sh" "$REPO/$c" "${GPU_ARGS[@]}" "${TRAIN_EXTRA[@]}")
-    evaluate=(bash "$HERE/evaluate.sh" --config "$REPO/$c")
+    train=(bash "$HERE/train.sh" "$c" "${GPU_ARGS[@]}" "${TRAIN_EXTRA[@]}")
+    evaluate=(bash "$HERE/evaluate.sh" --config "$c")
     if [[ $DRY == 1 ]]; then
       printf '%q ' "${train[@]}"; echo; printf '%q ' "${evaluate[@]}"; echo
       continue
@@ -68,7 +74,7 @@ if [[ $RUN == 1 ]]; then
 fi
 [[ $DRY == 1 ]] && exit 0
 
-"$PY" "$HERE/wmt/table.py" --out "$OUT" ${GPUS:+--gpus "$GPUS"} "${CONFIGS[@]/#/$REPO/}"
+"$PY" "$HERE/wmt/table.py" --out "$OUT" ${GPUS:+--gpus "$GPUS"} "${CONFIGS[@]}"
 if [[ ${#FAILED[@]} -gt 0 ]]; then
   echo "error: ${#FAILED[@]} run(s) failed: ${FAILED[*]}" >&2
   exit 1

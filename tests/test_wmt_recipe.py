@@ -478,93 +478,24 @@ def test_length_ratio_filter_units():
 
 # ---------------------------------------------------------------------------------------------- configs
 
-EXPERIMENTS = sorted(p.stem for p in CONFIGS.glob("*.flags") if not p.name.startswith("_"))
-
-
-def test_one_config_per_experiment():
-    want = {f"dense_{s}" for s in ("base", "big")} | {
-        f"{k}{e}_{s}" for k in ("moe", "moec") for e in (16, 32, 64) for s in ("base", "big")}
-    assert set(EXPERIMENTS) == want
-
-
-def test_configs_parse_with_fairseq_and_match_the_paper():
-    flagfile = load("flagfile")
-    sys.path.insert(0, str(ROOT))
-    from fairseq import options
-    import fairseq_moec  # noqa: F401  (registers the moec model, task and criterion)
-    from fairseq_moec.models.options import validate
-
-    for name in EXPERIMENTS:
-        cfg = flagfile.resolve(str(CONFIGS / f"{name}.flags"), [], gpus=8, verbose=False)
-        args = options.parse_args_and_arch(options.get_training_parser(), [cfg.data] + cfg.argv())
-        assert (args.optimizer, tuple(eval(args.adam_betas)), args.lr, args.lr_scheduler) == (
-            "torch_adam", (0.9, 0.98), [5e-4], "inverse_sqrt"), name
-        assert (args.warmup_updates, args.max_update, args.clip_norm, args.fp16) == (250, 32000, 0.1, True), name
-        assert args.label_smoothing == 0.1 and args.share_all_embeddings, name
-        assert args.max_tokens * args.update_freq[0] * 8 == 524288, name
-        big = name.endswith("_big")
-        assert args.dropout == (0.3 if big else 0.1), name
-        assert args.save_dir == f"checkpoints/wmt14_en_de/{name}"
-        # 64 big experts do not fit an 80 GB GPU with fp32 master weights (measured): those two only
-        assert args.memory_efficient_fp16 == (name in ("moe64_big", "moec64_big")), name
-        if name.startswith("dense"):
-            assert (args.arch, args.task) == ("transformer_wmt_en_de" + ("_big" if big else ""), "translation")
-            continue
-        experts = int(re.search(r"\d+", name).group())
-        assert args.arch == "moec_transformer_wmt_en_de" + ("_big" if big else "")
-        assert (args.moe_encoder_layers, args.moe_decoder_layers, args.moe_expert_sublayers) == ("3", "3", 3)
-        assert (args.moe_expert_count, args.moe_top_k, args.moe_balance_weight) == (experts, 1, 0.01)
-        if name.startswith("moec"):
-            assert args.moe_clusters == experts // 8 and (args.cluster_dropout, args.cluster_dropout_interval) == (0.5, 250)
-            assert args.moe_cluster_weight == pytest.approx(0.01 * 1.0 * experts ** 2)
-        else:
-            assert (args.moe_clusters, args.cluster_dropout, args.moe_cluster_weight) == (1, 0.0, 0.0)
-        validate(args)  # the plugin's own checks of the MoE options
-
-
-@pytest.mark.parametrize("gpus, update_freq", [(1, 128), (2, 64), (4, 32), (8, 16), (16, 8), (32, 4), (64, 2), (128, 1)])
-def test_tokens_per_update_for_each_gpu_count(gpus, update_freq):
-    cfg = load("flagfile").resolve(str(CONFIGS / "moec64_big.flags"), [], gpus=gpus, verbose=False)
-    assert cfg.value("--update-freq") == str(update_freq)
-
-
-def test_flagfile_includes_overrides_and_errors(tmp_path):
-    flagfile = load("flagfile")
-    (tmp_path / "_base.flags").write_text("@data d  # comment\n--lr 1 --fp16\n--arch a\n")
-    (tmp_path / "exp.flags").write_text("@include _base.flags\n--lr 2\n@unset --fp16\n--adam-betas '(0.9, 0.98)'\n")
-    cfg = flagfile.resolve(str(tmp_path / "exp.flags"), ["--arch", "b", "--cpu"])
-    assert cfg.data == "d" and cfg.argv() == ["--lr", "2", "--adam-betas", "(0.9, 0.98)", "--arch", "b", "--cpu"]
-    (tmp_path / "cycle.flags").write_text("@include cycle.flags\n")
-    (tmp_path / "bad.flags").write_text("lr 2\n")
-    (tmp_path / "missing.flags").write_text("@include nope.flags\n")
-    for name, msg in [("cycle", "include cycle"), ("bad", "bad.flags:1: expected '--flag"),
-                      ("missing", "included config not found")]:
-        with pytest.raises(Exception, match=re.escape(msg)):
-            flagfile.resolve(str(tmp_path / f"{name}.flags"), [])
-
-
-def test_train_sh_dry_run_and_missing_config(tmp_path):
-    proc = ok(script("train.sh", "moec64_big", "--gpus", "4", "--dry-run", "--max-update", "10"))
-    cmd = proc.stderr
-    assert "fairseq-train data-bin/wmt14_en_de" in cmd and "--update-freq 32" in cmd
-    assert "--max-update 10" in cmd and "--max-update 32000" not in cmd
-    assert f"--user-dir {ROOT}/fairseq_moec" in cmd
-    failed(script("train.sh", "configs/wmt14_en_de/nope.flags"), "config not found", "moec64_big.flags")
-    failed(script("train.sh", "moec64_big", "--data", tmp_path / "none"), "data directory not found")
+# The hydra configs, scripts/train.sh and the flag-by-flag check against the former flag files:
+# tests/test_hydra_configs.py.
 
 
 # ---------------------------------------------------------------------------------------------- train + evaluate
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
-    """A tiny MoEC model trained for 2 updates through scripts/train.sh and a real experiment config."""
+    """A tiny MoEC model trained for 2 bf16 updates on the CPU through scripts/train.sh and a real experiment
+    config (fairseq-hydra-train), with hydra overrides."""
     ckpt = tmp_path_factory.mktemp("ckpt")
-    ok(script("train.sh", "moec16_base", "--data", prepared.dest, "--unset", "--fp16", "--cpu",
-              "--arch", "moec_transformer_tiny", "--moe-encoder-layers", "1", "--moe-decoder-layers", "1",
-              "--moe-expert-count", "4", "--moe-clusters", "2", "--moe-cluster-weight", "0.04",
-              "--max-update", "2", "--max-tokens", "1000", "--update-freq", "1", "--save-interval-updates", "1",
-              "--save-dir", ckpt, "--num-workers", "0", "--log-format", "none"))
-    assert (ckpt / "checkpoint_1_2.pt").exists() and "fairseq-train" in (ckpt / "train_commands.log").read_text()
+    ok(script("train.sh", "moec16_base", f"task.data={prepared.dest}", "common.cpu=true",
+              "model._name=moec_transformer_tiny", "model.moe_encoder_layers='1'", "model.moe_decoder_layers='1'",
+              "model.moe_expert_count=4", "model.moe_clusters=2", "optimization.max_update=2",
+              "dataset.max_tokens=1000", "optimization.update_freq=[1]", "checkpoint.save_interval_updates=1",
+              f"checkpoint.save_dir={ckpt}", "dataset.num_workers=0", "common.log_format=none"))
+    assert (ckpt / "checkpoint_1_2.pt").exists()
+    assert "fairseq-hydra-train --config-dir" in (ckpt / "train_commands.log").read_text()
     return ckpt
 
 
@@ -677,8 +608,8 @@ def test_reproduce_table_marks_missing_runs_not_run(tmp_path):
     assert moec64 and "| 28.41 | 29.50 |" in moec64[0]
     others = [r for r in rows if r not in moec64]
     assert all("| not run | not run |" in r for r in others)
-    assert "bash scripts/train.sh configs/wmt14_en_de/dense_big.flags" in table
-    assert "bash scripts/evaluate.sh --config configs/wmt14_en_de/moe32_big.flags" in table
+    assert "bash scripts/train.sh dense_big" in table and "optimization.update_freq=[16]" in table
+    assert "bash scripts/evaluate.sh --config moe32_big" in table
     assert "fairseq-generate data-bin/x ..." in table
     dry = ok(script("reproduce_table.sh", "--run", "--dry-run", "--sizes", "big", "--experts", "16", cwd=tmp_path))
     assert dry.stdout.count("train.sh") == 3 and dry.stdout.count("evaluate.sh") == 3

@@ -41,7 +41,11 @@ def moe_layer_indices(args, side: str) -> List[int]:
     """The validated 0-based indices of the MoE layers of one side ('encoder' or 'decoder')."""
     num_layers = getattr(args, f"{side}_layers")
     flag = f"--moe-{side}-layers"
-    explicit = getattr(args, f"moe_{side}_layers") or ""
+    explicit = getattr(args, f"moe_{side}_layers")
+    if explicit is None or isinstance(explicit, int):  # fairseq-hydra-train: model.moe_encoder_layers=3
+        explicit = "" if explicit is None else str(explicit)
+    elif not isinstance(explicit, str):  # fairseq-hydra-train: model.moe_encoder_layers=[1,3]
+        explicit = ",".join(str(i) for i in explicit)
     if args.moe_every < 0:
         raise ConfigError(f"--moe-every: must be >= 0, got {args.moe_every}")
     if args.moe_every and (args.moe_encoder_layers or args.moe_decoder_layers):

@@ -3,7 +3,7 @@
     table.py --out FILE [--gpus N] CONFIG...
 
 For each config, the results are SAVE_DIR/eval-test/results.json (written by scripts/evaluate.sh), SAVE_DIR
-being the config's --save-dir relative to the current directory. A config without results is listed as
+being the config's checkpoint.save_dir relative to the current directory. A config without results is listed as
 "not run", never with a number. The training command shown is the one recorded in SAVE_DIR/train_commands.log
 when the model was trained, else the command scripts/train.sh would run.
 """
@@ -14,20 +14,21 @@ import shlex
 import time
 
 from wmt_common import log, main_guard, write_text_atomic
-import flagfile
+import hydra_config
 
 MODEL_NAMES = {"dense": "Dense Transformer", "moe": "MoE (top-1, no clusters)", "moec": "MoEC"}
 
 
-def describe(cfg: flagfile.Config) -> dict:
-    arch = cfg.value("--arch") or "?"
+def describe(cfg) -> dict:
+    """Model kind and size of a composed experiment config (hydra_config.compose)."""
+    arch = cfg.model._name
     moe = arch.startswith("moec_")
-    clusters = int(cfg.value("--moe-clusters") or 1) if moe else None
+    clusters = int(cfg.model.get("moe_clusters") or 1) if moe else None
     kind = "dense" if not moe else ("moec" if clusters and clusters > 1 else "moe")
     return {"kind": kind, "model": MODEL_NAMES[kind], "size": "big" if arch.endswith("_big") else "base",
-            "experts": cfg.value("--moe-expert-count") if moe else "-",
+            "experts": str(cfg.model.moe_expert_count) if moe else "-",
             "clusters": str(clusters) if moe else "-",
-            "cluster_dropout": cfg.value("--cluster-dropout") if moe else "-"}
+            "cluster_dropout": str(cfg.model.cluster_dropout) if moe else "-"}
 
 
 def last_train_command(save_dir: str):
@@ -59,10 +60,10 @@ def main():
     args = ap.parse_args()
     rows, sections = [], []
     for config in args.configs:
-        rel = os.path.relpath(flagfile.resolve_path(config), flagfile.REPO)
-        cfg = flagfile.resolve(config, [], gpus=args.gpus, verbose=False)
+        config_dir, name = hydra_config.locate(config)
+        cfg = hydra_config.compose(config)
         info = describe(cfg)
-        save_dir = cfg.expand(cfg.value("--save-dir") or "checkpoints")
+        save_dir = cfg.checkpoint.save_dir
         res_path = os.path.join(save_dir, "eval-test", "results.json")
         res = load_results(res_path)
         if res:
@@ -74,16 +75,19 @@ def main():
             sacre = tok = "not run"
             where = "-"
         rows.append(f"| {info['model']} | {info['size']} | {info['experts']} | {info['clusters']} | "
-                    f"{sacre} | {tok} | [{cfg.name}](#{cfg.name}) | {where} |")
+                    f"{sacre} | {tok} | [{name}](#{name}) | {where} |")
         trained = last_train_command(save_dir)
-        resolved = " ".join(shlex.quote(a) for a in ["fairseq-train", cfg.data] + cfg.argv())
-        lines = [f"### {cfg.name}", "", "```bash",
-                 f"bash scripts/train.sh {rel}",
-                 f"bash scripts/evaluate.sh --config {rel}", "```", ""]
+        uf = hydra_config.update_freq(hydra_config.TOKENS_PER_UPDATE, cfg.dataset.max_tokens, args.gpus)
+        resolved = " ".join(shlex.quote(a) for a in [
+            "fairseq-hydra-train", "--config-dir", config_dir, "--config-name", name,
+            f"common.user_dir={hydra_config.REPO}/fairseq_moec", f"optimization.update_freq=[{uf}]"])
+        lines = [f"### {name}", "", "```bash",
+                 f"bash scripts/train.sh {name}",
+                 f"bash scripts/evaluate.sh --config {name}", "```", ""]
         if trained:
-            lines += ["fairseq-train command as run (from `train_commands.log`):", "", "```bash", trained, "```", ""]
+            lines += ["Training command as run (from `train_commands.log`):", "", "```bash", trained, "```", ""]
         else:
-            lines += [f"fairseq-train command that `train.sh` runs on {args.gpus} GPUs (not trained yet):", "",
+            lines += [f"Training command that `train.sh` runs on {args.gpus} GPUs (not trained yet):", "",
                       "```bash", resolved, "```", ""]
         if res and res.get("generate_command"):
             lines += ["fairseq-generate command as run:", "", "```bash", res["generate_command"], "```", "",
