@@ -99,3 +99,11 @@ def test_silent_dropout_names_the_smallest_rate_that_drops_one(m):
 def test_huge_numbers_that_are_valid_pass():
     MoEConfig(moe_seed=2**64 - 1, moe_capacity_factor=1e6, cluster_dropout=0.5, moe_expert_count=8,
               moe_clusters=2).validate()
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.5, 0.9])
+def test_clusters_of_one_expert_cannot_use_dropout(rate):
+    """No rate works there (0.5 would empty the cluster): the message must not suggest one."""
+    with pytest.raises(ConfigError, match=r"--cluster-dropout: clusters of 1 expert .* cannot drop an expert and "
+                                          r"keep one: use --cluster-dropout 0, or fewer --moe-clusters"):
+        MoEConfig(moe_expert_count=4, moe_clusters=4, cluster_dropout=rate).validate()
