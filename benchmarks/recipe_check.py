@@ -79,13 +79,15 @@ def precision(device, E, d, ffn, rows):
     counts[1] = 0
     counts = counts.to(device)
     n = int(counts.sum())
-    base = ExpertFFNs(E, d, ffn, 3).to(device)
+    with torch.device(device):  # built on the device: initialising big experts on the host takes long
+        base = ExpertFFNs(E, d, ffn, 3)
     x0, g0 = torch.randn(n, d, device=device), torch.randn(n, d, device=device)
     res = {"experts": E, "dim": d, "ffn": ffn, "rows": n, "sublayers": 3, "activation": "relu", "methods": {}}
     for name, dtype in (("bf16", torch.bfloat16), ("fp16-loop", torch.float16), ("fp16-as-bf16", torch.float16)):
         if name == "fp16-as-bf16" and not hasattr(torch, "_grouped_mm"):
             continue
-        experts = ExpertFFNs(E, d, ffn, 3).to(device, dtype)
+        with torch.device(device):
+            experts = ExpertFFNs(E, d, ffn, 3).to(dtype)
         experts.load_state_dict(base.state_dict())
         x = x0.to(dtype).requires_grad_()
         fwd = (lambda: cast_grouped_forward(experts, x, counts)) if name == "fp16-as-bf16" else (
@@ -101,7 +103,8 @@ def precision(device, E, d, ffn, rows):
         peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else None
         got = {"output": out, "input": x.grad, **{k: p.grad for k, p in experts.named_parameters()}}
 
-        ref = ExpertFFNs(E, d, ffn, 3).to(device, torch.float64)
+        with torch.device(device):
+            ref = ExpertFFNs(E, d, ffn, 3).to(torch.float64)
         ref.load_state_dict({k: v.double() for k, v in experts.state_dict().items()})
         x64 = x.detach().double().requires_grad_()
         ref_out = ref(x64, counts)
@@ -148,7 +151,8 @@ def syncs(device, tokens):
     L, B = 64, tokens // 64
     for dtype in (torch.bfloat16, torch.float16):
         torch.manual_seed(0)
-        layer = MoELayer(MoEConfig(**RECIPE_LAYER), 1024, 4096).to(device, dtype).train()
+        with torch.device(device):
+            layer = MoELayer(MoEConfig(**RECIPE_LAYER), 1024, 4096).to(dtype).train()
         x = torch.randn(L, B, 1024, device=device, dtype=dtype, requires_grad=True)
         pad = torch.zeros(L, B, dtype=torch.bool, device=device)
         pad[-L // 8:, ::2] = True  # padding at the end of every other sentence
