@@ -82,14 +82,18 @@ def test_a_stale_mask_would_empty_a_cluster():
     assert not fits(saved.survivors, 4, 1) and saved.survivors.view(4, 2).sum(1).min() == 0
 
 
-def test_unchanged_settings_keep_the_saved_mask_exactly():
+def test_the_mask_is_redrawn_even_when_the_saved_one_fits():
+    """The decision: after loading, the mask is a function of (settings, saved period). With unchanged settings
+    that is the saved mask (the 'unchanged' case above); a saved mask that differs but happens to fit the
+    current layout (e.g. the old layout's, or another generator's) is replaced too."""
     saved = dropout()
     saved.set_num_updates(9)
     state = saved.state_dict()
-    state["survivors"] = torch.tensor([True, False, True, False] * 2)  # as written by another torch, say
+    other = torch.tensor([True, False, True, False] * 2)
+    assert fits(other, 2, 2) and not torch.equal(other, saved.survivors)
+    state["survivors"] = other
     restored = dropout()
     restored.load_state_dict(state)
-    # a mask that fits is still redrawn: the mask is a function of (settings, period), saved or not
     assert torch.equal(restored.survivors, saved.survivors)
 
 
