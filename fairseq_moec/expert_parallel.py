@@ -102,8 +102,16 @@ def prepare_for_expert_parallel(model: torch.nn.Module, ep: ExpertParallel) -> N
 
 def local_view(model: torch.nn.Module, state_dict: dict) -> dict:
     """A state dict whose expert tensors fit this model: a checkpoint of all experts (consolidated, or
-    written by one process) is sliced to the experts held here; a shard of another process count is refused
-    with a message saying what to do."""
+    written by one process) is sliced to the experts held here; a checkpoint of another --moe-expert-count and
+    a shard of another process count are refused with a message saying what to do."""
+    for name, module in model.named_modules():
+        # every MoE layer saves its cluster-dropout mask over all of its experts, however many processes wrote it
+        saved = state_dict.get(f"{name}.cluster_dropout.survivors") if isinstance(module, MoELayer) else None
+        if saved is not None and saved.shape[0] != module.cfg.moe_expert_count:
+            raise ConfigError(
+                f"--moe-expert-count: the checkpoint has {saved.shape[0]} experts in each MoE layer, this run "
+                f"{module.cfg.moe_expert_count}. Continue it with --moe-expert-count {saved.shape[0]}, or train the "
+                f"new model in another --save-dir")
     out = None
     for key, (p, E, local) in expert_parameters(model).items():
         t = state_dict.get(key)
@@ -113,7 +121,7 @@ def local_view(model: torch.nn.Module, state_dict: dict) -> dict:
             out = dict(state_dict) if out is None else out
             out[key] = t[local.start:local.stop]
             continue
-        raise ValueError(
+        raise ConfigError(
             f"{key} holds {t.shape[0]} experts, but this model has {E} experts ({p.shape[0]} on this process): "
             f"the checkpoint is the main file of an expert-parallel checkpoint written by "
             f"{E // t.shape[0]} processes. Merge it with scripts/consolidate_checkpoint.py (for fairseq-generate "

@@ -60,7 +60,8 @@ class TranslationMoECTask(TranslationTask):
         if tokens.numel() <= limit:
             return tokens
         logger.warning(f"an input of {tokens.numel()} tokens ({self.src_dict.string(tokens[:8])} ...) is longer than "
-                       f"the model's {limit} source positions: translating its first {limit - 1} tokens only. "
+                       f"the {limit} source positions allowed (the model's, or --max-source-positions if fewer): "
+                       f"translating its first {limit - 1} tokens only. "
                        f"Split longer lines to translate all of their text")
         eos = tokens[-1:] if tokens[-1] == self.src_dict.eos() else tokens[:0]
         return torch.cat([tokens[:limit - len(eos)], eos])
