@@ -28,17 +28,13 @@ def keep_training_mask(model, keep: bool) -> None:
             m.cluster_dropout.keep_at_inference = keep
 
 
-def set_moe_updates(model, num_updates: int) -> None:
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.set_num_updates(num_updates)
-
-
 @register_task("translation_moec", dataclass=TranslationMoECConfig)
 class TranslationMoECTask(TranslationTask):
-    """Same data and options as ``translation``. Training tells every MoE layer the optimizer update number
-    (cluster-dropout masks are resampled on update boundaries, not forward calls); validation, generation and
-    interactive translation run the model in eval mode, where every expert is used.
+    """Same data and options as ``translation``. In training, fairseq's own train_step hands the optimizer update
+    number to every module with ``set_num_updates``, MoE layers included: cluster-dropout masks are resampled on
+    update boundaries, not forward calls (tests/test_schedule_e2e.py). Validation, generation and interactive
+    translation run the model in eval mode, where every expert is used (unless --inference-experts says
+    otherwise).
 
     Raw-text translation (fairseq-interactive, the hub's ``translate``) gives every input line a result: a line
     longer than the model's source positions is cut to fit, with a warning (fairseq would end the session), and
@@ -65,10 +61,6 @@ class TranslationMoECTask(TranslationTask):
                        f"Split longer lines to translate all of their text")
         eos = tokens[-1:] if tokens[-1] == self.src_dict.eos() else tokens[:0]
         return torch.cat([tokens[:limit - len(eos)], eos])
-
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        set_moe_updates(model, update_num)
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
         model.eval()  # all experts, unless --inference-experts training-mask
