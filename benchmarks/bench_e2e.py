@@ -272,7 +272,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.train_pairs, args.updates, args.chunks = 1000, 2000, 4, 1
-        args.dim, args.ffn, args.layers, args.heads, args.experts = 64, 128, 2, 2, 8
+        args.dim, args.ffn, args.layers, args.heads, args.experts, args.clusters = 64, 128, 2, 2, 8, 4
         args.gen_sentences, args.gen_len, args.gen_reps, args.log_interval = 20, 8, 1, 1
         args.max_tokens = 1024
         args.work = str(Path(args.work).with_name(Path(args.work).name + "_quick"))
