@@ -168,3 +168,21 @@ def test_fairseq_train_in_bf16_with_the_recipe_moe_flags(tiny_corpus, tmp_path, 
     assert state["optimizer_history"][-1]["num_updates"] == 2
     experts = [k for k in state["model"] if ".experts.fc" in k]
     assert len(experts) == 2 * 2 * 3 * 2  # enc + dec layer, fc1 + fc2, 3 sublayers, weight + bias
+
+
+def test_grouped_linear_backward_of_a_plain_sum():
+    """The gradient of out.sum() is an expanded tensor (stride 0), which torch._grouped_mm's backward refuses
+    ('Invalid strides/sizes'); the grouped path must still give d sum / dx[row] = sum over outputs of W[e]."""
+    from fairseq_moec.modules.experts import GroupedLinear
+
+    torch.manual_seed(0)
+    lin = GroupedLinear(4, 16, 32).to(torch.bfloat16)
+    counts = torch.tensor([5, 0, 7, 4])
+    x = torch.randn(16, 16).to(torch.bfloat16).requires_grad_()
+    groups = Groups.of(x, counts)
+    assert groups.counts is None
+    lin(x, groups).sum().backward()
+    rows = torch.repeat_interleave(torch.arange(4), counts)
+    want = lin.weight.detach().double().sum(1)[rows]  # [rows, in]
+    assert rel_err(x.grad, want) < TOL
+    assert torch.equal(lin.bias.grad.double(), counts[:, None].double().expand(4, 32))  # rows per expert, exactly

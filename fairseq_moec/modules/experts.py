@@ -84,6 +84,7 @@ class _AddExpertBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (row_expert,) = ctx.saved_tensors
+        grad_y = grad_y.contiguous()  # _grouped_mm's backward refuses expanded gradients, e.g. that of a sum()
         grad_b = None
         if ctx.needs_input_grad[1]:
             grad_b = grad_y.new_zeros(ctx.bias_shape, dtype=torch.float32).index_add_(0, row_expert, grad_y.float())
