@@ -1,4 +1,4 @@
-"""Refuse, before training, inputs that fairseq would silently misuse or fail on without naming the file.
+"""Inputs that fairseq would silently misuse or fail on without naming the file: the checks, as plain functions.
 
 * Starting from scratch next to checkpoints. fairseq resumes from SAVE_DIR/checkpoint_last.pt; when that file is
   missing (deleted, lost), it trains from scratch in the same directory and its first validation overwrites
@@ -12,16 +12,13 @@
 * Empty data. An empty split binarizes to a zero-byte .bin file, which fairseq fails to load with "cannot mmap
   an empty file": we name the file.
 
-Errors are ConfigError: the commands print them as one line (cli_errors.py).
+fairseq calls them through three patches (patches/fresh_start.py, unreadable_checkpoint.py, empty_data.py).
+Errors are ConfigError: the commands print them as one line (patches/one_line_errors.py).
 """
 import glob
 import os
 from typing import List, Optional
 
-from fairseq import checkpoint_utils
-from fairseq.data import data_utils
-
-from .expert_parallel import main_checkpoint_suffix
 from .modules.config import ConfigError
 from .sharded_checkpoint import is_shard_path
 
@@ -75,31 +72,14 @@ def refuse_start_from_scratch(cfg, suffix: str = "") -> None:
                       f"another --save-dir.")
 
 
-def _load_checkpoint(cfg, trainer, **passthrough_args):
-    refuse_start_from_scratch(cfg, main_checkpoint_suffix(trainer))
-    return _fairseq_load_checkpoint(cfg, trainer, **passthrough_args)
-
-
-def _unreadable(path: str, why: str) -> ConfigError:
+def unreadable_checkpoint(path: str, why: str) -> ConfigError:
+    """The error for a checkpoint ``path`` that torch.load cannot read (``why``)."""
     newest = newest_intact_checkpoint(os.path.dirname(path) or ".", besides=path)
     other = (f"the newest intact checkpoint next to it is {newest} (fairseq-train: --restore-file {newest}; "
              f"fairseq-generate/-interactive: --path {newest})" if newest else
              "there is no intact checkpoint next to it")
     return ConfigError(f"{path}: {why}, not a readable checkpoint (a save cut short, e.g. by a full disk). "
                        f"Delete it; {other}")
-
-
-def _load_checkpoint_to_cpu(path, *args, **kwargs):
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise _unreadable(path, "empty file (0 bytes)")
-    try:
-        return _fairseq_load_checkpoint_to_cpu(path, *args, **kwargs)
-    except EOFError as e:
-        raise _unreadable(path, "truncated (torch.load: EOFError)") from e
-    except RuntimeError as e:  # torch's zip reader, or its legacy format's storage reader
-        if "PytorchStreamReader" not in str(e) and "unexpected EOF" not in str(e):
-            raise
-        raise _unreadable(path, f"truncated or corrupt (torch.load: {str(e).splitlines()[0]})") from e
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -120,19 +100,3 @@ def refuse_empty_data(path: str, combine: bool = False) -> None:
         if not combine:
             return
         k += 1
-
-
-def _load_indexed_dataset(path, dictionary=None, dataset_impl=None, combine=False, default="cached"):
-    refuse_empty_data(path, combine)
-    return _fairseq_load_indexed_dataset(path, dictionary, dataset_impl, combine, default)
-
-
-_fairseq_load_checkpoint = checkpoint_utils.load_checkpoint
-_fairseq_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
-_fairseq_load_indexed_dataset = data_utils.load_indexed_dataset
-
-
-def install_input_checks() -> None:
-    checkpoint_utils.load_checkpoint = _load_checkpoint
-    checkpoint_utils.load_checkpoint_to_cpu = _load_checkpoint_to_cpu
-    data_utils.load_indexed_dataset = _load_indexed_dataset

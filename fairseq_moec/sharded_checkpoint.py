@@ -43,6 +43,11 @@ def main_path_of(path: str, rank: int) -> str:
     return re.sub(re.escape(shard_suffix(rank)) + r"\.pt$", ".pt", path) if rank > 0 else path
 
 
+def main_suffix(suffix: str) -> str:
+    """fairseq's checkpoint suffix of a process without its shard suffix: the suffix of the main file."""
+    return re.sub(r"-expert-rank\d+$", "", suffix)
+
+
 def is_shard_path(path: str) -> bool:
     return re.search(r"-expert-rank\d+\.pt$", path) is not None
 
@@ -71,7 +76,7 @@ def atomic_copy(src: str, dst: str) -> None:
 
 
 def load(path: str, mmap: bool = False) -> dict:
-    # fairseq checkpoints hold a few non-tensor globals: fairseq_moec.checkpoint_safety allowlists them
+    # fairseq checkpoints hold a few non-tensor globals: fairseq_moec/patches/checkpoint_allowlist.py allows them
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 

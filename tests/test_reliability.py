@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fairseq import checkpoint_utils
 
 import fairseq_moec  # noqa: F401  (installs the input checks and the one-line errors)
 from fairseq_moec import input_checks
@@ -206,20 +207,20 @@ def test_empty_and_truncated_checkpoints_name_the_file_and_the_way_out(tmp_path)
     torch.save({"model": {"w": torch.zeros(1000)}}, intact)
     empty = touch(tmp_path / "checkpoint_last.pt", data=b"")
     with pytest.raises(ConfigError) as e:
-        input_checks.checkpoint_utils.load_checkpoint_to_cpu(str(empty))
+        checkpoint_utils.load_checkpoint_to_cpu(str(empty))
     assert str(e.value).startswith(f"{empty}: empty file (0 bytes), not a readable checkpoint")
     assert f"--restore-file {intact}" in str(e.value)
     truncated = tmp_path / "checkpoint_best.pt"
     truncated.write_bytes(intact.read_bytes()[:2000])
     with pytest.raises(ConfigError, match=re.escape(f"{truncated}: truncated or corrupt")):
-        input_checks.checkpoint_utils.load_checkpoint_to_cpu(str(truncated))
+        checkpoint_utils.load_checkpoint_to_cpu(str(truncated))
     legacy = tmp_path / "old.pt"  # torch's pre-zip format: an EOFError or a storage read error when cut
     torch.save({"w": torch.zeros(1000)}, legacy, _use_new_zipfile_serialization=False)
     whole = legacy.read_bytes()
     for cut in (50, 500):
         legacy.write_bytes(whole[:cut])
         with pytest.raises(ConfigError, match=re.escape(f"{legacy}: truncated")):
-            input_checks.checkpoint_utils.load_checkpoint_to_cpu(str(legacy))
+            checkpoint_utils.load_checkpoint_to_cpu(str(legacy))
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -318,7 +319,7 @@ def test_train_names_an_empty_training_split(tiny_corpus, tmp_path):
     _, _, data_bin = tiny_corpus
     (tmp_path / "empty.es").write_text(""), (tmp_path / "empty.en").write_text("")
     run([cli("fairseq-preprocess"), "--source-lang", "es", "--target-lang", "en", "--trainpref", tmp_path / "empty",
-         "--validpref", tiny_corpus[1].parent / "valid.sp", "--srcdict", data_bin / "dict.es.txt",
+         "--validpref", data_bin.parent / "tok" / "valid", "--srcdict", data_bin / "dict.es.txt",
          "--joined-dictionary", "--destdir", tmp_path / "bin", "--workers", "1"])
     proc = run([cli("fairseq-train"), tmp_path / "bin", *TRAIN, "--save-dir", tmp_path / "ck"], check=False)
     assert_one_line_error(proc, "fairseq-train", f"{tmp_path / 'bin'}/train.es-en.es.bin: empty data file")
