@@ -61,7 +61,7 @@ def test_valid_config_passes():
 
 
 def test_every_error_is_a_config_error():
-    """The fairseq commands print ConfigError as one line (cli_errors); it stays a ValueError for callers."""
+    """The fairseq commands print ConfigError as one line (one_line_errors patch); it stays a ValueError for callers."""
     for kwargs, _ in BAD:
         with pytest.raises(ConfigError):
             MoEConfig(**kwargs).validate()

@@ -51,7 +51,7 @@ def test_train_resume_generate_score(tiny_corpus, tmp_path):
 
 def test_resume_from_an_epoch_end_and_inside_the_next_epoch(tiny_corpus, tmp_path):
     """fairseq-fixed builds a run's batches with the seed of the epoch the run starts in: a run resumed in epoch 2
-    put sentences of equal length in other places than the uninterrupted run (batching_fix.py, item 2)."""
+    put sentences of equal length in other places than the uninterrupted run (patches/first_epoch_batches.py)."""
     _, _, data_bin = tiny_corpus
     short_epochs = ["--max-tokens", "6000", "--disable-validation"]  # 8 updates an epoch
     first = train(data_bin, tmp_path / "resumed", "1000", "--max-epoch", "1", *short_epochs)

@@ -146,7 +146,7 @@ def test_grouped_call_only_where_torch_has_the_fused_kernel(monkeypatch, device,
 def test_fairseq_train_in_bf16_with_the_recipe_moe_flags(tiny_corpus, tmp_path, precision):
     """fairseq-train --bf16 (fp32 master weights) and --memory-efficient-bf16 (bf16 weights, fairseq's adam with
     fp32 moments) train on the CPU with the WMT recipe's MoE flags. fairseq 0.12 turns --bf16 into --tpu too;
-    without the plugin's bf16_fix the run stops at torch_xla."""
+    without the plugin's patches/bf16_without_tpu the run stops at torch_xla."""
     from conftest import TINY_MOEC_ARGS, cli, run
 
     _, _, data_bin = tiny_corpus

@@ -102,7 +102,7 @@ def test_moec64_big_resolves_to_the_flag_file_settings():
     # the model namespace also holds every other option, and each group's choice (args.task, ...)
     not_model = set(want) | {k for g, v in want.items() if g != "model" and isinstance(v, dict) for k in v}
     got = OmegaConf.to_container(hydra_cfg, resolve=True)
-    # fairseq-train's --bf16 also switches on --tpu (fairseq/options.py; the plugin's bf16_fix drops it when
+    # fairseq-train's --bf16 also switches on --tpu (fairseq/options.py; the bf16_without_tpu patch drops it when
     # training starts); fairseq-hydra-train never sets it. The scorer is only read by fairseq-generate.
     for group in ("common", "distributed_training", "optimizer"):
         assert want[group].pop("tpu") is True and got[group].pop("tpu") is False

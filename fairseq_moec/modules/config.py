@@ -20,7 +20,7 @@ MAX_MOE_SEED = 2**64 - 1  # cluster-dropout generators are seeded modulo 2**64 (
 
 class ConfigError(ValueError):
     """A bad option value, combination or input file, with a message naming the flag or file. The fairseq
-    commands print it as one line, as argparse does (fairseq_moec/cli_errors.py)."""
+    commands print it as one line, as argparse does (fairseq_moec/patches/one_line_errors.py)."""
 
 
 def experts_dropped_per_cluster(rate: float, cluster_size: int) -> int:
