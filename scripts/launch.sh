@@ -10,8 +10,8 @@
 # SLURM:             srun --nodes 4 --ntasks-per-node 1 scripts/launch.sh 8 ...   (nodes, rank and master from SLURM)
 #
 # torchrun gives every process RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, which fairseq reads; the plugin makes
-# that work without GPUs too (fairseq_moec/torchrun_fix.py). If a process dies, torchrun stops the others on
-# its node and exits non-zero; run the same command again to resume from checkpoint_last.pt.
+# that work without GPUs too (fairseq_moec/patches/torchrun_cpu.py). If a process dies, torchrun stops the others
+# on its node and exits non-zero; run the same command again to resume from checkpoint_last.pt.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
