@@ -28,9 +28,21 @@ import fairseq_moec  # noqa: F401  (installs the patches)
 from fairseq_moec import patches
 from fairseq_moec.modules import ExpertParallel
 from fairseq_moec.modules.config import ConfigError
-from fairseq_moec.patches import (atomic_checkpoint_copy, bf16_without_tpu, checkpoint_allowlist, empty_data,
-                                  expert_parallel_trainer, first_epoch_batches, fresh_start, hydra_legacy_arch,
-                                  last_batch, one_line_errors, peer_broadcast, torchrun_cpu, unreadable_checkpoint)
+from fairseq_moec.patches import (
+    atomic_checkpoint_copy,
+    bf16_without_tpu,
+    checkpoint_allowlist,
+    empty_data,
+    expert_parallel_trainer,
+    first_epoch_batches,
+    fresh_start,
+    hydra_legacy_arch,
+    last_batch,
+    one_line_errors,
+    peer_broadcast,
+    torchrun_cpu,
+    unreadable_checkpoint,
+)
 from fairseq_moec.patches.target import PatchRefused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +100,8 @@ def test_peer_broadcast_lets_other_processes_unpickle_the_checkpoint_process_0_s
 # ---------------------------------------------------------------------------------------------- last_batch
 def test_last_batch_keeps_the_batch_the_fork_drops():
     """13 sentences, batches of at most 8 in multiples of 8: 8 + 5."""
-    args = dict(num_tokens_fn=None, num_tokens_vec=np.full(13, 4), max_sentences=8, required_batch_size_multiple=8)
+    args = {"num_tokens_fn": None, "num_tokens_vec": np.full(13, 4), "max_sentences": 8,
+            "required_batch_size_multiple": 8}
     fork = last_batch.fork_batch_by_size(np.arange(13), **args)
     assert sum(len(b) for b in fork) == 8  # 5 sentences never translated or validated
     kept = data_utils.batch_by_size(np.arange(13), **args)
@@ -120,7 +133,7 @@ def test_first_epoch_batches_resume_with_the_batches_of_the_uninterrupted_run():
 @pytest.fixture
 def torchrun_process_1(monkeypatch):
     """The environment torchrun gives process 1 of 2, on a machine without GPUs."""
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", WORLD_SIZE="2", RANK="1").items():
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     return monkeypatch
@@ -174,7 +187,7 @@ def test_hydra_legacy_arch_keeps_the_options_transformer_config_does_not_declare
     args = OmegaConf.create({"encoder_layers": 3, "moe_encoder_layers": "1", "moe_expert_count": 4})
     fairseq = hydra_legacy_arch.fairseq_from_namespace(TransformerConfig, args)
     with pytest.raises(AttributeError, match="invalid argument moe_encoder_layers"):
-        fairseq.moe_encoder_layers
+        _ = fairseq.moe_encoder_layers
     config = TransformerConfig.from_namespace(args)
     assert (config.encoder.layers, config.moe_encoder_layers, config.moe_expert_count) == (3, "1", 4)
 
@@ -239,8 +252,8 @@ def test_one_line_errors_print_a_config_error_as_argparse_does(monkeypatch, caps
         try:
             raise ConfigError("--moe-clusters: must divide --moe-expert-count=8, got 3")
         except ConfigError as e:
-            raise Exception("Cannot load model parameters from checkpoint") from e
-    except Exception as e:
+            raise RuntimeError("Cannot load model parameters from checkpoint") from e
+    except RuntimeError as e:
         error = e
     sys.__excepthook__(type(error), error, error.__traceback__)  # what Python does without the patch
     printed = capsys.readouterr().err
@@ -266,7 +279,7 @@ def test_one_line_errors_under_fairseq_hydra_train(monkeypatch, capsys):
         one_line_errors.hydra_return_value.fget(job)
     assert "Error executing job" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit:
-        job.return_value
+        _ = job.return_value
     assert exit.value.code == 2 and capsys.readouterr().err == "fairseq-hydra-train: error: --moe-cluster-weight: " \
                                                                "got nan\n"
     assert JobReturn(status=JobStatus.COMPLETED, _return_value=5).return_value == 5

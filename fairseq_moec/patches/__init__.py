@@ -6,9 +6,21 @@ expected? else PatchRefused) and ``apply()`` (keep the original, replace it, log
 "fairseq_moec.patches"). ``install()`` checks every patch before it replaces anything, so a fairseq that does not
 fit is refused with a message and left untouched; it is idempotent.
 """
-from . import (atomic_checkpoint_copy, bf16_without_tpu, checkpoint_allowlist, empty_data,
-               expert_parallel_trainer, first_epoch_batches, fresh_start, hydra_legacy_arch, last_batch,
-               one_line_errors, peer_broadcast, torchrun_cpu, unreadable_checkpoint)
+from . import (
+    atomic_checkpoint_copy,
+    bf16_without_tpu,
+    checkpoint_allowlist,
+    empty_data,
+    expert_parallel_trainer,
+    first_epoch_batches,
+    fresh_start,
+    hydra_legacy_arch,
+    last_batch,
+    one_line_errors,
+    peer_broadcast,
+    torchrun_cpu,
+    unreadable_checkpoint,
+)
 from .target import FAIRSEQ_VERSION, PatchRefused  # noqa: F401  (part of the package's interface)
 
 PATCHES = (
