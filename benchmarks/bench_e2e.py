@@ -7,7 +7,8 @@ Transformer of the same active size, on the same binarized data, in one run.
     python benchmarks/bench_e2e.py --raw-dir DIR                     # {train,valid,test}.{src,tgt}[.xz]
     python benchmarks/bench_e2e.py --quick                          # smoke run (tiny model, few updates)
 
-Models (both: --share-all-embeddings, d 256, FFN 1024, 3+3 layers, 4 heads, dropout 0.1, Adam (torch_adam: fused), inverse_sqrt):
+Models (both: the small Transformer of fairseq_moec.pipeline.small_model, i.e. --share-all-embeddings, d 256,
+FFN 1024, 3+3 layers, 4 heads; dropout 0.1, Adam (torch_adam: fused), inverse_sqrt):
   dense  fairseq's own `transformer`, task `translation`, criterion `label_smoothed_cross_entropy`
   moec   `moec_transformer` with encoder and decoder layer 1 MoE: 64 experts (one FFN each: the same active
          size per token as dense), top-1, 8 clusters of 8, cluster dropout 0.5, balance + cluster losses
@@ -22,32 +23,24 @@ fairseq-generate's "Translated N sentences ..." line, median over --gen-reps alt
 count is checked against the number of test lines.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from fairseq_moec.pipeline import binarize, files, hypotheses, logs, machine, small_model
+from fairseq_moec.pipeline.binarize import cli
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PLUGIN = ROOT / "fairseq_moec"
-sys.path.insert(0, str(ROOT / "scripts"))
-from demo_tools import BUNDLED_CORPUS, read_lines  # noqa: E402  (the corpus helpers shared with the demo)
 
 
 def log(msg):
     print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cli(name):
-    p = Path(sys.executable).parent / name
-    return str(p) if p.exists() else (shutil.which(name) or name)
 
 
 def env(args):
@@ -80,48 +73,29 @@ def build_data(args):
     out = Path(args.work) / "data"
     key = {"raw": str(raw.resolve()), "vocab": args.vocab, "train_pairs": args.train_pairs,
            "gen_sentences": args.gen_sentences, "src": src, "tgt": tgt}
-    stamp = out / "DONE"
-    if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+    if files.stamp_matches(out / "DONE", key):
         log(f"data: {out / 'bin'} is up to date")
         return out / "bin"
     shutil.rmtree(out, ignore_errors=True)
     (out / "raw").mkdir(parents=True)
     limits = {"train": args.train_pairs, "test": args.gen_sentences}
-    for split in ("train", "valid", "test"):
-        a, b = read_lines(raw / f"{split}.{src}"), read_lines(raw / f"{split}.{tgt}")
+    for split in binarize.SPLITS:
+        a, b = files.read_lines(raw / f"{split}.{src}"), files.read_lines(raw / f"{split}.{tgt}")
         if len(a) != len(b):
             raise SystemExit(f"{raw}: {split}.{src} has {len(a)} lines, {split}.{tgt} {len(b)}")
         n = limits.get(split) or len(a)
         for lang, lines in ((src, a[:n]), (tgt, b[:n])):
             (out / "raw" / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    import sentencepiece as spm
-    (out / "spm").mkdir()
-    log(f"data: joint {args.vocab}-piece unigram sentencepiece model")
-    spm.SentencePieceTrainer.train(
-        input=f"{out}/raw/train.{src},{out}/raw/train.{tgt}", model_prefix=str(out / "spm" / "spm"),
-        vocab_size=args.vocab, model_type="unigram", character_coverage=1.0, input_sentence_size=0,
-        shuffle_input_sentence=False, num_threads=args.threads, minloglevel=1)
-    sp = spm.SentencePieceProcessor(model_file=str(out / "spm" / "spm.model"))
-    (out / "tok").mkdir()
-    for split in ("train", "valid", "test"):
-        for lang in (src, tgt):
-            lines = (out / "raw" / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
-            (out / "tok" / f"{split}.{lang}").write_text(
-                "".join(" ".join(sp.encode(line, out_type=str)) + "\n" for line in lines), encoding="utf-8")
-    sh([cli("fairseq-preprocess"), "--source-lang", src, "--target-lang", tgt, "--joined-dictionary",
-        "--trainpref", out / "tok" / "train", "--validpref", out / "tok" / "valid",
-        "--testpref", out / "tok" / "test", "--destdir", out / "bin", "--workers", str(args.threads)], args)
-    stamp.write_text(json.dumps({"key": key}) + "\n")
+    log(f"data: joint {args.vocab}-piece unigram sentencepiece model, encoding, fairseq-preprocess")
+    binarize.encode_and_binarize(out, src, tgt, args.vocab, threads=args.threads, workers=args.threads,
+                                 runner=lambda cmd: sh(cmd, args))
+    files.write_stamp(out / "DONE", key)
     return out / "bin"
 
 
 # --------------------------------------------------------------------------------------------------- models
 def model_args(args, kind):
-    common = ["--share-all-embeddings", "--encoder-layers", args.layers, "--decoder-layers", args.layers,
-              "--encoder-embed-dim", args.dim, "--decoder-embed-dim", args.dim,
-              "--encoder-ffn-embed-dim", args.ffn, "--decoder-ffn-embed-dim", args.ffn,
-              "--encoder-attention-heads", args.heads, "--decoder-attention-heads", args.heads,
-              "--dropout", "0.1"]
+    common = small_model.size_args(args.layers, args.dim, args.ffn, args.heads) + ["--dropout", "0.1"]
     if kind == "dense":
         # --user-dir for what the plugin fixes globally (checkpoints that load under torch >= 2.6)
         return ["--user-dir", PLUGIN, "--task", "translation", "--arch", "transformer"] + common
@@ -171,65 +145,31 @@ def gen_cmd(args, kind, data_bin, rdir):
 
 # --------------------------------------------------------------------------------------------------- logs
 def train_records(path):
-    recs = []
-    if not Path(path).exists():
-        return recs
-    for line in Path(path).read_text(errors="replace").splitlines():
-        i = line.find('{"')
-        if i < 0:
-            continue
-        try:
-            r = json.loads(line[i:])
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict) and "num_updates" in r and "wps" in r:
-            recs.append({k: float(v) if isinstance(v, (int, float, str)) and _isnum(v) else v for k, v in r.items()})
-    return recs
+    """fairseq's per-interval training records (``train_inner``, with words/s) of the json log, numbers as floats."""
+    return [{k: _number(v) for k, v in r.items()} for r in logs.parse_log(path)["train_inner"] if "wps" in r]
 
 
-def _isnum(v):
+def _number(v):
     try:
-        float(v)
-        return True
+        return float(v)
     except (TypeError, ValueError):
-        return False
+        return v
 
 
-GEN_RE = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
-                    r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)")
-
-
-def parse_generate(text):
-    m = GEN_RE.search(text)
-    if not m:
-        return None
-    n, toks, secs, sps, tps = m.groups()
-    hyps = sum(1 for line in text.splitlines() if line.startswith("H-"))
-    return {"sentences": int(n.replace(",", "")), "tokens": int(toks.replace(",", "")), "seconds": float(secs),
-            "sentences_per_s": float(sps), "tokens_per_s": float(tps), "hypotheses": hyps}
+def generate_figures(text, model):
+    """The speed line of fairseq-generate's output TEXT, after checking one hypothesis for each sentence."""
+    g = hypotheses.generation_speed(text)
+    if g is None:
+        raise SystemExit(f"no 'Translated ...' line in the output of fairseq-generate for {model}")
+    try:
+        g["hypotheses"] = len(hypotheses.hypotheses(text.splitlines(), g["sentences"], f"fairseq-generate ({model})",
+                                                    "sentences"))
+    except files.PipelineError as e:
+        raise SystemExit(str(e)) from None
+    return g
 
 
 # --------------------------------------------------------------------------------------------------- main
-def machine_info(args):
-    import torch
-    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
-                    if k in os.environ}, "device": args.device, "precision": args.precision}
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-        info["loadavg_at_start"] = os.getloadavg()
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        pass
-    return info
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-bin", default=None, help="binarized data (fairseq-preprocess --joined-dictionary); "
@@ -245,10 +185,8 @@ def main(argv=None):
     p.add_argument("--chunks", type=int, default=2, help="alternating training slices per model")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--log-interval", type=int, default=5)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=4)
+    for name, value in small_model.SIZES.items():  # the small model of the demo and the study
+        p.add_argument(f"--{name}", type=int, default=value)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--clusters", type=int, default=8)
     p.add_argument("--moe-layers", default="1", help="0-based MoE layers on each side")
@@ -282,14 +220,14 @@ def main(argv=None):
         setattr(args, name, str(getattr(args, name)))
     models = [m for m in args.models.split(",") if m]
     t_start = time.time()
-    info = machine_info(args)
+    info = dict(machine.machine_info(args.device, args.threads), precision=args.precision)
     log(f"{info.get('cpu')} | torch {info['torch']} | {args.threads} threads | load {info.get('loadavg_at_start')}")
 
     if args.data_bin:
         data_bin = Path(args.data_bin)
     else:
         if not args.raw_dir:
-            args.raw_dir = str(BUNDLED_CORPUS)
+            args.raw_dir = str(files.BUNDLED_CORPUS)
         data_bin = build_data(args)
     for m in models:
         shutil.rmtree(Path(args.work) / "runs" / m, ignore_errors=True)
@@ -326,7 +264,6 @@ def main(argv=None):
                               "updates": updates, "log": str(rdir / "train.log"), "commands": commands[m]}
 
     # generation, alternating repetitions
-    n_test = None
     for rep in range(int(args.gen_reps)):
         for m in models:
             rdir = Path(args.work) / "runs" / m
@@ -336,13 +273,7 @@ def main(argv=None):
             (rdir / f"generate.{rep}.log").write_text(r.stdout + r.stderr)
             if r.returncode:
                 raise SystemExit(f"fairseq-generate failed for {m}:\n{(r.stdout + r.stderr)[-3000:]}")
-            g = parse_generate(r.stdout + r.stderr)
-            if g is None:
-                raise SystemExit(f"no 'Translated ...' line in the output of fairseq-generate for {m}")
-            if n_test is None:
-                n_test = g["sentences"]
-            if g["hypotheses"] != g["sentences"]:
-                raise SystemExit(f"{m}: {g['hypotheses']} hypotheses for {g['sentences']} sentences")
+            g = generate_figures(r.stdout + r.stderr, m)
             log(f"{m}: generate rep {rep}: {g['sentences']} sentences, {g['sentences_per_s']:.2f} sentences/s, "
                 f"{g['tokens_per_s']:.1f} tokens/s")
             entry = result["generate"].setdefault(m, {"runs": [], "command": " ".join(str(c) for c in cmd)})
@@ -351,11 +282,7 @@ def main(argv=None):
         entry["sentences_per_s_median"] = statistics.median(g["sentences_per_s"] for g in entry["runs"])
 
     # report
-    try:
-        info["loadavg_at_end"] = os.getloadavg()
-    except OSError:
-        pass
-    info["elapsed_s"] = round(time.time() - t_start)
+    machine.finish(info, t_start)
     if "dense" in models and "moec" in models:
         tr, gn = result["train"], result["generate"]
         if tr["dense"]["wps_median"] and tr["moec"]["wps_median"]:
@@ -372,7 +299,7 @@ def main(argv=None):
               f"{result['generate_sps_ratio_moec_over_dense']:>22.3f}")
     out = Path(args.out) if args.out else HERE / "results" / f"e2e_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    files.write_text_atomic(out, json.dumps(result, indent=1, default=str))
     log(f"wrote {out} ({info['elapsed_s']}s)")
     return result
 

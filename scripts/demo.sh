@@ -194,10 +194,9 @@ KEY_ENC=$(echo "$KEY_SPM encode" | hash)
 do_encode() {
   rm -rf "$DIR/tok" "$DIR/tok.tmp"
   mkdir -p "$DIR/tok.tmp"
-  for s in $SPLITS; do for l in "$SRC" "$TGT"; do
-    log "  encoding $s.$l"
-    "$PY" "$TOOLS" spm-encode "$DIR/spm/spm.model" "$DIR/corpus/$s.$l" "$DIR/tok.tmp/$s.$l"
-  done; done
+  local pairs=()
+  for s in $SPLITS; do for l in "$SRC" "$TGT"; do pairs+=("$DIR/corpus/$s.$l" "$DIR/tok.tmp/$s.$l"); done; done
+  "$PY" "$TOOLS" spm-encode "$DIR/spm/spm.model" "${pairs[@]}"
   mv "$DIR/tok.tmp" "$DIR/tok"
 }
 run_step encode "$KEY_ENC" do_encode
@@ -206,9 +205,7 @@ run_step encode "$KEY_ENC" do_encode
 KEY_BIN=$(echo "$KEY_ENC preprocess joined" | hash)
 do_preprocess() {
   rm -rf "$DIR/bin" "$DIR/bin.tmp"
-  fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --joined-dictionary \
-    --trainpref "$DIR/tok/train" --validpref "$DIR/tok/valid" --testpref "$DIR/tok/test" \
-    --destdir "$DIR/bin.tmp" --workers 2 >&2
+  "$PY" "$TOOLS" preprocess "$DIR/tok" "$DIR/bin.tmp" --src "$SRC" --tgt "$TGT"
   mv "$DIR/bin.tmp" "$DIR/bin"
 }
 run_step preprocess "$KEY_BIN" do_preprocess

@@ -10,7 +10,9 @@
                                      decompress the corpus of DIR into OUT and check it (see check_corpus)
     check-corpus DIR [--src S --tgt T]   check an already decompressed corpus
     spm-train MODEL_PREFIX VOCAB FILE...   joint sentencepiece unigram model on the given files
-    spm-encode MODEL IN OUT          one line in, one line of pieces out
+    spm-encode MODEL IN OUT [IN OUT ...]   one line in, one line of pieces out
+    preprocess TOK_DIR BIN_DIR --src S --tgt T
+                                     fairseq-preprocess of TOK_DIR/{train,valid,test}.{S,T}, one joined dictionary
     collect GENERATE_OUT SPM_MODEL N OUT   hypotheses of fairseq-generate, decoded, in input order; fails
                                      unless there is exactly one hypothesis for each of the N input lines
     score HYP REF OUT_TXT OUT_JSON [--tgt-lang T] [--tokenize TOK] [--meta KEY=VALUE ...]
@@ -21,41 +23,33 @@
 A corpus directory holds {train,valid,test}.{S,T} (aligned: line i of one side translates line i of the other),
 each plain or compressed (NAME.xz or NAME.gz), optionally {train,valid,test}.ref (one unique id per line, as the
 bundled corpus has) and SHA256SUMS (sha256sum format, listing corpus files as decompressed or as they are).
+
+The corpus checks are the demo's own; the other steps run the shared pipeline library (fairseq_moec.pipeline), as
+scripts/study.py, benchmarks/bench_e2e.py and the tests do.
 """
 import argparse
-import gzip
 import hashlib
-import json
+import logging
 import lzma
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-SPLITS = ("train", "valid", "test")
-BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "bible-es-en"
+# importing the pipeline imports the plugin, whose patches of fairseq log what they replace: news for the fairseq
+# commands, noise for these text tools
+logging.getLogger("fairseq_moec.patches").setLevel(logging.WARNING)
+from fairseq_moec.pipeline import binarize, hypotheses, scores, subwords  # noqa: E402
+from fairseq_moec.pipeline.files import COMPRESSED, PipelineError  # noqa: E402
+
+SPLITS = binarize.SPLITS
 SIDES = ("es", "en", "ref")  # the bundled corpus
-COMPRESSED = {".xz": lzma.open, ".gz": gzip.open}
 # fairseq names its files SPLIT.SRC-TGT.LANG.bin: a '-' or '.' in a code would make those names ambiguous
 LANG_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,19}$")
 SHA256SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
-
-
-class DemoError(Exception):
-    pass
-
-
-def read_lines(path):
-    """The lines of PATH, or of PATH.xz / PATH.gz when only a compressed copy exists (the bundled corpus ships
-    as .xz). Also imported by scripts/study.py and benchmarks/bench_e2e.py."""
-    path = Path(path)
-    if not path.exists():
-        for ext, opener in COMPRESSED.items():
-            if Path(str(path) + ext).exists():
-                with opener(str(path) + ext, "rt", encoding="utf-8") as f:
-                    return f.read().splitlines()
-    return path.read_text(encoding="utf-8").splitlines()
+DemoError = PipelineError
 
 
 # --- languages ---------------------------------------------------------------------------------------------------
@@ -67,29 +61,12 @@ def check_lang_code(code, var):
         raise DemoError(f"{var}=ref: 'ref' names the corpus' id files (SPLIT.ref), not a language")
 
 
-def bleu_metric(tgt_lang, tokenize=None):
-    """sacrebleu's BLEU for target language TGT_LANG: its tokenizer is TOKENIZE, or sacrebleu's default for the
-    language (what `sacrebleu -l SRC-TGT` picks: zh, ja-mecab, ko-mecab, else 13a)."""
-    from sacrebleu.metrics import BLEU
-    if tokenize and tokenize not in BLEU.TOKENIZERS:
-        raise DemoError(f"DEMO_BLEU_TOKENIZE={tokenize!r} is not a sacrebleu tokenizer; one of: "
-                        + ", ".join(BLEU.TOKENIZERS))
-    chosen = tokenize or BLEU._TOKENIZER_MAP.get(tgt_lang, BLEU.TOKENIZER_DEFAULT)
-    try:
-        return BLEU(trg_lang=tgt_lang, tokenize=tokenize or None)
-    except Exception as e:  # a missing optional dependency (MeCab) or a model sacrebleu would download
-        detail = " ".join(str(e).split())
-        raise DemoError(f"sacrebleu's BLEU tokenizer {chosen!r} (for target language {tgt_lang!r}) cannot run "
-                        f"here: {detail}. Install what it needs, or choose another with DEMO_BLEU_TOKENIZE "
-                        f"(e.g. char or intl)") from None
-
-
 def check_langs(src, tgt, tokenize=None):
     check_lang_code(src, "DEMO_SRC")
     check_lang_code(tgt, "DEMO_TGT")
     if src == tgt:
         raise DemoError(f"DEMO_SRC and DEMO_TGT are both {src!r}: the two sides need different codes")
-    bleu_metric(tgt, tokenize)
+    scores.bleu_metric(tgt, tokenize, option="DEMO_BLEU_TOKENIZE")
 
 
 # --- corpus ------------------------------------------------------------------------------------------------------
@@ -245,77 +222,37 @@ def prepare_corpus(d, out, src, tgt):
     return check_corpus(out, sides, origin={n: str(p) for n, p in sources.items()}, sums_dirs=[d])
 
 
-# --- sentencepiece, generation, scores ---------------------------------------------------------------------------
+# --- sentencepiece, binarizing, generation, scores: the pipeline library ------------------------------------------
 def spm_train(prefix, vocab, files):
-    import sentencepiece as spm
     try:
-        spm.SentencePieceTrainer.train(
-            input=",".join(files), model_prefix=prefix, vocab_size=int(vocab), model_type="unigram",
-            character_coverage=1.0, input_sentence_size=0, shuffle_input_sentence=False,
-            num_threads=os.cpu_count() or 1, minloglevel=1)
-    except RuntimeError as e:  # sentencepiece's message ends in the fix ("Please set it to a value <= N")
-        raise DemoError(f"sentencepiece training on {', '.join(files)} failed: {' '.join(str(e).split())}"
-                        + (" (DEMO_VOCAB)" if "ocabulary size" in str(e) else "")) from None
+        subwords.train_sentencepiece(files, prefix, vocab)
+    except PipelineError as e:
+        raise DemoError(f"{e}{' (DEMO_VOCAB)' if 'ocabulary size' in str(e) else ''}") from None
 
 
-def spm_encode(model, src, dst):
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=model)
-    tmp = dst + ".tmp"
-    with open(src, encoding="utf-8") as f, open(tmp, "w", encoding="utf-8") as g:
-        for line in f:
-            g.write(" ".join(sp.encode(line.rstrip("\n"), out_type=str)) + "\n")
-    os.replace(tmp, dst)
+def spm_encode(model, pairs):
+    sp = subwords.load(model)
+    for src, dst in pairs:
+        print(f"[demo]   encoding {os.path.basename(src)}", file=sys.stderr)
+        subwords.encode_file(sp, src, dst)
+
+
+def preprocess(tok_dir, bin_dir, src, tgt):
+    """fairseq-preprocess; its log goes to stderr (the demo's stdout is its summary)."""
+    cmd = [str(c) for c in binarize.preprocess_cmd(tok_dir, bin_dir, src, tgt, workers=2)]
+    if subprocess.run(cmd, stdout=sys.stderr).returncode:
+        raise DemoError(f"fairseq-preprocess failed (see above): {' '.join(cmd)}")
 
 
 def collect(gen_out, model, n, out):
-    """Parse the H-<id> lines of fairseq-generate, decode the pieces, write them in input order."""
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=model)
-    n = int(n)
-    hyps = {}
-    with open(gen_out, encoding="utf-8") as f:
-        for line in f:
-            if not line.startswith("H-"):
-                continue
-            head, _score, *text = line.rstrip("\n").split("\t")
-            i = int(head[2:])
-            if i in hyps:
-                raise DemoError(f"{gen_out}: two hypotheses for sentence {i}")
-            hyps[i] = sp.decode_pieces(text[0].split()) if text else ""
-    missing = [i for i in range(n) if i not in hyps]
-    extra = sorted(set(hyps) - set(range(n)))
-    if missing or extra:
-        raise DemoError(f"{gen_out}: {len(hyps)} hypotheses for {n} test lines"
-                        + (f"; missing ids {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "")
-                        + (f"; unexpected ids {extra[:10]}" if extra else ""))
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as g:
-        for i in range(n):
-            g.write(hyps[i] + "\n")
-    os.replace(tmp, out)
+    """The hypotheses of fairseq-generate, decoded, in input order; exactly one per test line."""
+    hypotheses.collect(gen_out, model, n, out)
     print(f"[demo] {n} hypotheses for {n} test lines, in input order: {out}")
 
 
 def score(hyp, ref, out_txt, out_json, meta=None, tgt_lang="", tokenize=None):
-    """BLEU (tokenizer: see bleu_metric) and chrF of HYP against REF; META: extra entries of the JSON."""
-    from sacrebleu.metrics import CHRF
-    with open(hyp, encoding="utf-8") as f:
-        hyps = [l.rstrip("\n") for l in f]
-    with open(ref, encoding="utf-8") as f:
-        refs = [l.rstrip("\n") for l in f]
-    if len(hyps) != len(refs):
-        raise DemoError(f"{hyp}: {len(hyps)} lines, reference {ref}: {len(refs)} lines")
-    bleu, chrf = bleu_metric(tgt_lang, tokenize), CHRF()
-    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
-    result = dict(meta or {}, lines=len(hyps),
-                  bleu=round(b.score, 2), bleu_signature=str(bleu.get_signature()), bleu_full=str(b),
-                  chrf=round(c.score, 2), chrf_signature=str(chrf.get_signature()), chrf_full=str(c))
-    text = f"BLEU {b.score:.2f}  {bleu.get_signature()}\n{b}\nchrF {c.score:.2f}  {chrf.get_signature()}\n{c}\n"
-    for path, content in ((out_txt, text), (out_json, json.dumps(result, indent=2) + "\n")):
-        with open(path + ".tmp", "w", encoding="utf-8") as g:
-            g.write(content)
-        os.replace(path + ".tmp", path)
+    """BLEU (tokenizer: sacrebleu's for the target language unless TOKENIZE) and chrF of HYP against REF."""
+    _, text = scores.score_files(hyp, ref, out_txt, out_json, meta, tgt_lang, tokenize, option="DEMO_BLEU_TOKENIZE")
     print(text, end="")
 
 
@@ -361,8 +298,12 @@ def parser():
     p.add_argument("vocab", type=positive_int)
     p.add_argument("files", nargs="+")
     p = sub.add_parser("spm-encode")
-    for a in ("model", "input", "output"):
-        p.add_argument(a)
+    p.add_argument("model")
+    p.add_argument("files", nargs="+", metavar="IN OUT", help="pairs of input and output paths")
+    p = sub.add_parser("preprocess")
+    p.add_argument("tok_dir")
+    p.add_argument("bin_dir")
+    langs(p)
     p = sub.add_parser("collect")
     p.add_argument("generate_out")
     p.add_argument("spm_model")
@@ -396,7 +337,11 @@ def main(argv):
         elif args.cmd == "spm-train":
             spm_train(args.prefix, args.vocab, args.files)
         elif args.cmd == "spm-encode":
-            spm_encode(args.model, args.input, args.output)
+            if len(args.files) % 2:
+                ap.error("spm-encode: expected pairs of input and output paths")
+            spm_encode(args.model, list(zip(args.files[::2], args.files[1::2])))
+        elif args.cmd == "preprocess":
+            preprocess(args.tok_dir, args.bin_dir, args.src, args.tgt)
         elif args.cmd == "collect":
             collect(args.generate_out, args.spm_model, args.n, args.out)
         elif args.cmd == "score":

@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-import demo_tools  # scripts/demo_tools.py: the corpus, sentencepiece, collect and score steps of the demo
 import study_report
+from fairseq_moec.pipeline import binarize, files, hypotheses, scores, small_model
+from fairseq_moec.pipeline.binarize import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "fairseq_moec"
@@ -77,11 +78,6 @@ def log(msg):
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cli(name):
-    p = Path(sys.executable).parent / name
-    return str(p) if p.exists() else name
-
-
 def sh(cmd, **kw):
     log("$ " + " ".join(str(c) for c in cmd))
     # glibc: keep freed gradient buffers in the heap instead of page-faulting them in again every step
@@ -91,10 +87,7 @@ def sh(cmd, **kw):
 
 def train_cmd(args, run, data_bin, rdir):
     cmd = [cli("fairseq-train"), data_bin, "--user-dir", PLUGIN, "--source-lang", SRC, "--target-lang", TGT,
-           "--share-all-embeddings", "--encoder-layers", "3", "--decoder-layers", "3",
-           "--encoder-embed-dim", "256", "--decoder-embed-dim", "256",
-           "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
-           "--encoder-attention-heads", "4", "--decoder-attention-heads", "4", "--dropout", str(args.dropout),
+           *small_model.size_args(), "--dropout", str(args.dropout),
            "--label-smoothing", "0.1", "--optimizer", "torch_adam", "--adam-betas", "(0.9, 0.98)",
            "--lr", str(args.lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
            "--warmup-init-lr", "1e-07", "--max-tokens", str(args.max_tokens), "--max-update", str(args.updates),
@@ -121,30 +114,22 @@ def prepare_data(args):
     sentencepiece model trained on the subset only, fairseq-preprocess --joined-dictionary. Stamp: data/DONE."""
     d = Path(args.out) / "data"
     key = {"train_pairs": args.train_pairs, "subset_seed": args.subset_seed, "vocab": args.vocab}
-    if (d / "DONE").exists() and json.loads((d / "DONE").read_text())["key"] == key:
+    if files.stamp_matches(d / "DONE", key):
         return d
     tmp = Path(args.out) / "data.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("raw", "spm", "tok"):
-        (tmp / sub).mkdir(parents=True)
+    (tmp / "raw").mkdir(parents=True)
     counts = {}
-    for split in ("train", "valid", "test"):
-        src, tgt = (demo_tools.read_lines(demo_tools.BUNDLED_CORPUS / f"{split}.{lang}") for lang in (SRC, TGT))
+    for split in binarize.SPLITS:
+        src, tgt = (files.read_lines(files.BUNDLED_CORPUS / f"{split}.{lang}") for lang in (SRC, TGT))
         keep = range(len(src))
         if split == "train":
             keep = sorted(random.Random(args.subset_seed).sample(keep, args.train_pairs))
         counts[split] = len(keep)
         for lang, lines in ((SRC, src), (TGT, tgt)):
             (tmp / "raw" / f"{split}.{lang}").write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
-    demo_tools.spm_train(str(tmp / "spm" / "spm"), args.vocab, [str(tmp / "raw" / f"train.{x}") for x in (SRC, TGT)])
-    for split in ("train", "valid", "test"):
-        for lang in (SRC, TGT):
-            demo_tools.spm_encode(str(tmp / "spm" / "spm.model"), str(tmp / "raw" / f"{split}.{lang}"),
-                                  str(tmp / "tok" / f"{split}.{lang}"))
-    sh([cli("fairseq-preprocess"), "--source-lang", SRC, "--target-lang", TGT, "--joined-dictionary",
-        "--trainpref", tmp / "tok" / "train", "--validpref", tmp / "tok" / "valid", "--testpref", tmp / "tok" / "test",
-        "--destdir", tmp / "bin", "--workers", "2"], stdout=subprocess.DEVNULL)
-    (tmp / "DONE").write_text(json.dumps({"key": key, "counts": counts}) + "\n")
+    binarize.encode_and_binarize(tmp, SRC, TGT, args.vocab, runner=lambda cmd: sh(cmd, stdout=subprocess.DEVNULL))
+    files.write_stamp(tmp / "DONE", key, counts=counts)
     shutil.rmtree(d, ignore_errors=True)
     os.replace(tmp, d)
     log(f"data ready: {counts}")
@@ -163,14 +148,14 @@ def do_run(args, run, data):
             return
         rdir.mkdir(parents=True, exist_ok=True)
         score = evaluate(args, run, data, src / "checkpoints" / "checkpoint_best.pt", rdir)
-        write_json(rdir / "DONE", {"run": dataclasses.asdict(run), "score": score, "finished": now()})
+        files.write_json_atomic(rdir / "DONE", {"run": dataclasses.asdict(run), "score": score, "finished": now()})
         return
     rdir.mkdir(parents=True, exist_ok=True)
     cmd = [str(c) for c in train_cmd(args, run, data / "bin", rdir)]
     saved = rdir / "command.json"
     if saved.exists() and json.loads(saved.read_text()) != cmd:
         raise SystemExit(f"{rdir} holds a run with other settings ({saved}); remove it or use another --out")
-    write_json(saved, cmd)
+    files.write_json_atomic(saved, cmd)
     with open(rdir / "code_state.jsonl", "a") as f:  # what code each session of this run trained with
         f.write(json.dumps(study_report.code_state(ROOT)) + "\n")
     t0 = time.time()
@@ -188,7 +173,7 @@ def do_run(args, run, data):
                 "--split", "train", "--max-sentences", "2000", "--out", out, "--no-progress"]
                + (["--cpu"] if args.device == "cpu" else []), stdout=subprocess.DEVNULL)
         routing = study_report.allocation(json.loads((out / "summary.json").read_text()))
-    write_json(rdir / "DONE", {"run": dataclasses.asdict(run), "score": score, "routing": routing,
+    files.write_json_atomic(rdir / "DONE", {"run": dataclasses.asdict(run), "score": score, "routing": routing,
                                "train_wall_s_last_session": round(train_s), "finished": now()})
     log(f"{run.name}: BLEU {score['bleu']} chrF {score['chrf']}")
 
@@ -207,17 +192,11 @@ def evaluate(args, run, data, ckpt, rdir):
            + task + (["--cpu"] if args.device == "cpu" else []), stdout=f)
     os.replace(f"{gen}.tmp", gen)
     ref = data / "raw" / f"test.{TGT}"
-    n = len(ref.read_text(encoding="utf-8").splitlines())
-    demo_tools.collect(str(gen), str(data / "spm" / "spm.model"), n, str(rdir / "hyp.txt"))
-    demo_tools.score(str(rdir / "hyp.txt"), str(ref), str(rdir / "score.txt"), str(rdir / "score.json"),
-                     meta={"checkpoint": str(ckpt.name)}, tgt_lang=TGT)
-    return json.loads((rdir / "score.json").read_text())
+    n = len(files.read_lines(ref))
+    hypotheses.collect(gen, data / "spm" / "spm.model", n, rdir / "hyp.txt")
+    return scores.score_files(rdir / "hyp.txt", ref, rdir / "score.txt", rdir / "score.json",
+                              meta={"checkpoint": str(ckpt.name)}, tgt_lang=TGT)[0]
 
-
-def write_json(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def now():

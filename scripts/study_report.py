@@ -3,36 +3,17 @@ bootstrap tests, and the plots. Only finished runs (a DONE stamp) get numbers; t
 state."""
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fairseq_moec.pipeline import files, machine
+from fairseq_moec.pipeline.logs import parse_log
+
 
 # --- fairseq json logs -------------------------------------------------------------------------------------------
-def parse_log(path):
-    """{'train_inner': [...], 'valid': [...]} of a fairseq --log-format json --log-file, sorted by update; a record
-    repeated for the same update by a resumed session replaces the earlier one."""
-    out = {"train_inner": {}, "valid": {}}
-    if not Path(path).exists():
-        return {k: [] for k in out}
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        i = line.find('{"')
-        try:
-            rec = json.loads(line[i:]) if i >= 0 else None
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict):
-            continue
-        if "valid_num_updates" in rec:
-            out["valid"][int(float(rec["valid_num_updates"]))] = rec
-        elif "num_updates" in rec and "loss" in rec and "train_loss" not in rec:
-            out["train_inner"][int(float(rec["num_updates"]))] = rec
-    return {k: [v[u] for u in sorted(v)] for k, v in out.items()}
-
-
 def summarize(path):
     """Valid-loss curve, best and final valid loss, the train loss over the last validation interval and the gap
     (final valid - that train loss). fairseq's losses: label-smoothed CE in bits per target token."""
@@ -68,14 +49,12 @@ def allocation(summary):
 
 def code_state(root):
     """git HEAD, whether fairseq_moec/ differs from it, a hash of the plugin's sources, and the load average."""
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
     h = hashlib.sha1()
     for p in sorted((Path(root) / "fairseq_moec").rglob("*.py")):
         h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
-    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git_head": git("rev-parse", "HEAD"),
-            "plugin_dirty": bool(git("status", "--porcelain", "--", "fairseq_moec")), "plugin_sha1": h.hexdigest()[:12],
-            "loadavg": os.getloadavg()}
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git_head": machine.git_commit(root) or "",
+            "plugin_dirty": bool(machine.git_changes(root, "fairseq_moec")), "plugin_sha1": h.hexdigest()[:12],
+            "loadavg": machine.loadavg()}
 
 
 def state(rdir, updates):
@@ -149,12 +128,8 @@ def write(out, runs, updates, plot_dir):
                      f"{o['BLEU']['p_value']:.4f} | {b['chrF2']['score']:.2f} / {o['chrF2']['score']:.2f} | "
                      f"{o['chrF2']['p_value']:.4f} |")
     text = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md.tmp").write_text(text)
-    os.replace(out / "results.md.tmp", out / "results.md")
-    (out / "results.json.tmp").write_text(json.dumps({n: {"stamp": st, "summary": s} for n, (_, st, s) in done.items()},
-                                                     indent=1) + "\n")
-    os.replace(out / "results.json.tmp", out / "results.json")
+    files.write_text_atomic(out / "results.md", text)
+    files.write_json_atomic(out / "results.json", {n: {"stamp": st, "summary": s} for n, (_, st, s) in done.items()})
     plot(rows, means, plot_dir)
     print(text)
 
@@ -207,8 +182,7 @@ def plot(rows, means, plot_dir):
 
 
 def _save(fig, plt, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(str(path) + ".tmp.png", dpi=90)
-    os.replace(str(path) + ".tmp.png", path)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)

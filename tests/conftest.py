@@ -1,21 +1,18 @@
 """Shared fixtures: a tiny real-text corpus, its sentencepiece model and fairseq binarized data."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fairseq_moec.pipeline import binarize
+from fairseq_moec.pipeline.binarize import cli  # noqa: F401  (imported by the tests from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "fairseq_moec")
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-es-en"
 BIN = Path(sys.executable).parent  # the fairseq-* commands of this interpreter's environment
-
-
-def cli(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else shutil.which(name)
 
 
 def run(cmd, cwd=None, check=True, env=None):
@@ -30,23 +27,11 @@ def run(cmd, cwd=None, check=True, env=None):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """(raw_dir, spm_model, data_bin): the tiny corpus encoded with a 500-piece joint sentencepiece model and
-    binarized with fairseq-preprocess (joined dictionary), es -> en."""
-    import sentencepiece as spm
-
+    binarized with fairseq-preprocess (joined dictionary), es -> en; the encoded text is in data_bin/../tok/."""
     work = tmp_path_factory.mktemp("tiny_corpus")
-    spm.SentencePieceTrainer.train(
-        input=f"{FIXTURE}/train.es,{FIXTURE}/train.en", model_prefix=str(work / "spm"), vocab_size=500,
-        model_type="unigram", character_coverage=1.0, bos_id=-1, eos_id=-1, minloglevel=2, num_threads=1)
-    sp = spm.SentencePieceProcessor(model_file=str(work / "spm.model"))
-    for split in ("train", "valid", "test"):
-        for lang in ("es", "en"):
-            lines = (FIXTURE / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
-            (work / f"{split}.sp.{lang}").write_text(
-                "".join(" ".join(sp.encode(line, out_type=str)) + "\n" for line in lines), encoding="utf-8")
-    run([cli("fairseq-preprocess"), "--source-lang", "es", "--target-lang", "en", "--trainpref", work / "train.sp",
-         "--validpref", work / "valid.sp", "--testpref", work / "test.sp", "--destdir", work / "bin",
-         "--joined-dictionary", "--workers", "1"])
-    return FIXTURE, work / "spm.model", work / "bin"
+    data_bin = binarize.encode_and_binarize(work, "es", "en", 500, threads=1, workers=1, runner=run, raw=FIXTURE,
+                                            spm_options=dict(bos_id=-1, eos_id=-1, log_level=2))
+    return FIXTURE, work / "spm" / "spm.model", data_bin
 
 
 TINY_MOEC_ARGS = [
