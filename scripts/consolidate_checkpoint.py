@@ -19,10 +19,8 @@ import os
 import sys
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-import fairseq_moec  # noqa: E402,F401  (lets fairseq checkpoints load under torch's weights_only unpickler)
-from fairseq_moec import sharded_checkpoint as sc  # noqa: E402
+import fairseq_moec  # noqa: F401  (lets fairseq checkpoints load under torch's weights_only unpickler)
+from fairseq_moec import sharded_checkpoint as sc
 
 LAYOUT = "moe_expert_layout"  # kept in merged files: what resharding needs (expert keys, optimizer order)
 

@@ -372,8 +372,6 @@ def test_torchrun_expert_parallel_training_equals_one_process_then_consolidates_
 
 
 def load_script(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/NAME.py as a module (pyproject.toml puts scripts/ on the tests' path)."""
+    import importlib
+    return importlib.import_module(name)

@@ -4,7 +4,6 @@ Every config composes with hydra and builds the model it names (tiny dimensions,
 MoEC big config resolves to the settings of the flag file it replaced, flag by flag, compared through fairseq's
 own argparse parser; fairseq-hydra-train trains from a config end to end; scripts/train.sh sets update_freq.
 """
-import importlib.util
 import os
 import re
 import shlex
@@ -12,12 +11,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import hydra_config  # scripts/wmt/hydra_config.py (on the tests' path: pyproject.toml)
 import pytest
 
 from conftest import BIN, ROOT, cli, run
 
 CONFIG_DIR = ROOT / "configs" / "wmt14_en_de"
-WMT = ROOT / "scripts" / "wmt"
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 # Small enough to build 64 experts x 3 sublayers in milliseconds; 4 layers keep the MoE layers' index 3.
 TINY = ["+model.encoder_embed_dim=16", "+model.decoder_embed_dim=16", "+model.encoder_ffn_embed_dim=32",
@@ -43,18 +42,6 @@ DECIDED = {"--fp16": "--bf16", "--memory-efficient-fp16": "--memory-efficient-bf
            "--optimizer torch_adam": "--optimizer adam",  # fairseq's memory-efficient wrapper needs fairseq's adam
            "--moe-cluster-loss-norm mean": "--moe-cluster-loss-norm relative",
            "--moe-cluster-weight 40.96": "--moe-cluster-weight 0.01"}
-
-
-def load_hydra_config():
-    if str(WMT) not in sys.path:
-        sys.path.append(str(WMT))
-    spec = importlib.util.spec_from_file_location("test_hydra_configs_helper", WMT / "hydra_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hydra_config = load_hydra_config()
 
 
 def compose(name, *overrides):

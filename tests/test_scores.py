@@ -76,11 +76,7 @@ def wmt_generate_output(tmp_path):
     aggressive dash splits, then sentencepiece pieces), in the order generate finishes them; an <unk> piece in
     the second. Returns (generate file, sentencepiece model)."""
     import sentencepiece as spm
-    sys.path.insert(0, str(WMT))
-    try:
-        from normalize_tokenize import Preprocessor
-    finally:
-        sys.path.remove(str(WMT))
+    from normalize_tokenize import Preprocessor  # scripts/wmt/ (on the tests' path: pyproject.toml)
     pre = Preprocessor("de")
     tokenized = [pre(line) for line in WMT_HYPS + WMT_REFS]
     assert tokenized[0] == "Das rich @-@ text Format ist schlecht ."  # what the detokenizer has to undo

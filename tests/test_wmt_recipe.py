@@ -7,7 +7,7 @@ network: the prepare script reads them with --archives DIR or WMT_MIRROR=file://
 """
 import gzip
 import hashlib
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -62,13 +62,8 @@ def failed(proc, *needles):
 
 
 def load(name):
-    """scripts/wmt/NAME.py as a module with a unique name (their own imports need scripts/wmt on the path)."""
-    if str(WMT) not in sys.path:
-        sys.path.append(str(WMT))
-    spec = importlib.util.spec_from_file_location(f"wmt_recipe_{name}", WMT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/wmt/NAME.py as a module (pyproject.toml puts scripts/wmt on the tests' path)."""
+    return importlib.import_module(name)
 
 
 # ---------------------------------------------------------------------------------------------- fixture archives
@@ -521,12 +516,8 @@ def test_average_merges_expert_parallel_shards(tmp_path, trained):
     """Checkpoints of an expert-parallel run keep other processes' experts in NAME-expert-rank{r}.pt: the
     average must merge them first and equal the average of the unsharded checkpoints."""
     import torch
-    plugin = ROOT / "fairseq_moec" / "sharded_checkpoint.py"
-    if not plugin.exists():
-        pytest.skip("this plugin version has no expert-parallel checkpoints")
-    spec = importlib.util.spec_from_file_location("wmt_recipe_sharded_checkpoint", plugin)
-    sc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sc)
+
+    from fairseq_moec import sharded_checkpoint as sc
     avg = load("average_checkpoints")
     avg.allow_fairseq_checkpoint_globals()
     full_paths, sharded_paths = [], []

@@ -14,35 +14,14 @@ fairseq_moec plugin extends with exactly the globals fairseq checkpoints need.
 import argparse
 import os
 import re
-import sys
 from typing import List
 
 from wmt_common import atomic_path, die, log, main_guard
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _plugin_module(name: str):
-    """fairseq_moec/NAME.py loaded by path, or None. The modules used here need only torch and numpy: importing
-    the package would import all of fairseq (seconds) just to average tensors."""
-    import importlib.util
-    path = os.path.join(REPO, "fairseq_moec", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location(f"_fairseq_moec_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def allow_fairseq_checkpoint_globals() -> None:
-    """The plugin's allowlist for torch's weights_only loader."""
-    try:
-        _plugin_module("checkpoint_safety").allow_fairseq_checkpoint_globals()
-    except (OSError, ImportError, AttributeError):  # moved or changed: fall back to the package
-        if REPO not in sys.path:
-            sys.path.insert(0, REPO)
-        import fairseq_moec  # noqa: F401  (registers the allowlist on import)
+    """The plugin's allowlist for torch's weights_only loader (installed when the plugin is imported)."""
+    import fairseq_moec  # noqa: F401
 
 
 EXPERT_PARALLEL_META = "moe_expert_parallel"  # extra_state key of an expert-parallel (sharded) checkpoint
@@ -56,14 +35,7 @@ def consolidate(path: str, state: dict) -> dict:
     if not meta:
         return state
     world, token = int(meta.get("world_size", 1)), meta.get("token")
-    sc = None
-    try:
-        sc = _plugin_module("sharded_checkpoint")
-    except (OSError, ImportError):
-        pass
-    if sc is None or not all(hasattr(sc, f) for f in ("merge", "shard_path", "load")):
-        die(f"{path} is one shard of an expert-parallel checkpoint ({world} processes) and this plugin version "
-            f"cannot merge it: consolidate it into one file first")
+    from fairseq_moec import sharded_checkpoint as sc
     shards = []
     for r in range(1, world):
         shard_file = sc.shard_path(path, r)

@@ -17,40 +17,17 @@ import os
 import re
 import time
 
-from wmt_common import atomic_path, die, log, main_guard, read_lines, require_file, write_text_atomic
+from wmt_common import die, log, main_guard, read_lines, write_text_atomic
 
 _COMPOUND = re.compile(r"(\S)-(\S)")
 
 
-def read_hypotheses(path: str, expected: int):
-    require_file(path, "fairseq-generate output", allow_empty=True)
-    hyps = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.startswith("H-"):
-                continue
-            fields = line.rstrip("\n").split("\t", 2)
-            try:
-                idx = int(fields[0][2:])
-            except ValueError:
-                die(f"{path}: malformed hypothesis line: {line[:80]!r}")
-            if idx in hyps:
-                die(f"{path}: two hypotheses for sentence {idx}: generate with --nbest 1")
-            hyps[idx] = fields[2] if len(fields) > 2 else ""
-    if len(hyps) != expected or (hyps and (min(hyps) != 0 or max(hyps) != expected - 1)):
-        missing = sorted(set(range(expected)) - set(hyps))
-        die(f"{path}: {len(hyps)} hypotheses for {expected} reference lines"
-            + (f" (missing ids: {missing[:10]}{'...' if len(missing) > 10 else ''})" if missing else "")
-            + ": fairseq-generate skipped or added sentences; refusing to score a partial test set")
-    return [hyps[i] for i in range(expected)]
-
-
 class Detokenizer:
     def __init__(self, spm_model: str, lang: str):
-        import sentencepiece as spm
         from sacremoses import MosesDetokenizer
-        require_file(spm_model, "sentencepiece model")
-        self.sp = spm.SentencePieceProcessor(model_file=spm_model)
+
+        from fairseq_moec.pipeline import subwords
+        self.sp = subwords.load(spm_model)
         self.moses = MosesDetokenizer(lang=lang)
 
     def __call__(self, pieces: str) -> str:
@@ -76,23 +53,20 @@ def main():
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--meta", action="append", default=[], help="KEY=VALUE recorded in results.json")
     args = ap.parse_args()
-    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.metrics import BLEU
+
+    from fairseq_moec.pipeline import files, hypotheses, scores
 
     refs = read_lines(args.ref, "reference")
     if not refs:
         die(f"reference is empty: {args.ref}")
-    hyps = read_hypotheses(args.generate, len(refs))
+    hyps = hypotheses.read_hypotheses(args.generate, len(refs), "reference lines")
     detok = Detokenizer(args.spm, args.lang)
     hyps_detok = [detok(h) for h in hyps]
-    os.makedirs(args.out_dir, exist_ok=True)
-    with atomic_path(os.path.join(args.out_dir, "hyps.detok.txt")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(h + "\n" for h in hyps_detok)
+    files.write_lines_atomic(os.path.join(args.out_dir, "hyps.detok.txt"), hyps_detok)
 
-    bleu = BLEU()
-    sacre = bleu.corpus_score(hyps_detok, [refs])
-    chrf_metric = CHRF()
-    chrf = chrf_metric.corpus_score(hyps_detok, [refs])
+    s = scores.bleu_chrf(hyps_detok, refs)  # sacrebleu's defaults: BLEU with 13a, chrF
+    sacre, chrf = s["bleu"], s["chrf"]
     tok_bleu = BLEU(tokenize="none", force=True).corpus_score(
         compound_split_tokens(hyps_detok, args.lang), [compound_split_tokens(refs, args.lang)])
 
@@ -103,20 +77,20 @@ def main():
         k, v = kv.split("=", 1)
         meta[k] = v
     results = {
-        "sacrebleu": {"score": round(sacre.score, 2), "signature": str(bleu.get_signature()), "detail": str(sacre)},
+        "sacrebleu": {"score": round(sacre.score, 2), "signature": s["bleu_signature"], "detail": str(sacre)},
         "tokenized_bleu_compound_split": {
             "score": round(tok_bleu.score, 2), "detail": str(tok_bleu),
             "method": "Moses tokenizer + ##AT##-##AT## compound splitting, corpus BLEU on tokens (multi-bleu style)"},
-        "chrf": {"score": round(chrf.score, 2), "signature": str(chrf_metric.get_signature())},
+        "chrf": {"score": round(chrf.score, 2), "signature": s["chrf_signature"]},
         "sentences": len(refs),
         "reference": os.path.abspath(args.ref),
         "hypotheses": os.path.abspath(os.path.join(args.out_dir, "hyps.detok.txt")),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         **meta,
     }
-    text = (f"BLEU (sacrebleu, detokenized):   {sacre.score:.2f}   {bleu.get_signature()}\n"
+    text = (f"BLEU (sacrebleu, detokenized):   {sacre.score:.2f}   {s['bleu_signature']}\n"
             f"BLEU (tokenized, compound split): {tok_bleu.score:.2f}   (Moses tokenizer, ##AT##-##AT##, multi-bleu style)\n"
-            f"chrF:                             {chrf.score:.2f}   {chrf_metric.get_signature()}\n"
+            f"chrF:                             {chrf.score:.2f}   {s['chrf_signature']}\n"
             f"sentences: {len(refs)}\n"
             + "".join(f"{k}: {v}\n" for k, v in meta.items()))
     write_text_atomic(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=2) + "\n")

@@ -41,59 +41,30 @@ def coverage_arg(text: str) -> float:
 
 
 def cmd_train(args):
-    import sentencepiece as spm
+    from fairseq_moec.pipeline import files, subwords
     for path in args.inputs:
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             die(f"sentencepiece training input missing or empty: {path}")
     log(f"[subword] training a joint sentencepiece {args.model_type} model, vocabulary {args.vocab_size}, "
         f"on {', '.join(args.inputs)} (sampling at most {args.input_sentence_size} sentences)")
     try:
-        spm.SentencePieceTrainer.train(
-            input=",".join(args.inputs), model_prefix=args.model_prefix, vocab_size=args.vocab_size,
-            model_type=args.model_type, character_coverage=args.character_coverage,
-            input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
-            num_threads=args.threads, minloglevel=0 if args.verbose else 1)
-    except RuntimeError as e:
-        die(f"sentencepiece training failed: {e}" + (
-            " (lower --vocab-size for a corpus this small)" if "Vocabulary size" in str(e) else ""))
-
-
-def encode_file(sp, src: str, dst: str, threads: int) -> None:
-    if not os.path.isfile(src):
-        die(f"input not found: {src}")
-    total, written = count_lines(src), 0
-    with open(dst, "w", encoding="utf-8", newline="\n") as out, \
-            progress(total=total, unit=" lines", desc=f"encode {os.path.basename(src)}") as bar:
-        chunk = []
-
-        def flush():
-            nonlocal written
-            for pieces in sp.encode(chunk, out_type=str, num_threads=threads):
-                out.write(" ".join(pieces))
-                out.write("\n")
-            written += len(chunk)
-            bar.update(len(chunk))
-            chunk.clear()
-
-        for line in iter_lines(src):
-            chunk.append(line)
-            if len(chunk) == 10000:
-                flush()
-        if chunk:
-            flush()
-    if written != total:
-        die(f"encoding {src}: wrote {written} lines for {total} input lines")
+        subwords.train_sentencepiece(args.inputs, args.model_prefix, args.vocab_size, args.model_type,
+                                     args.character_coverage, args.input_sentence_size, shuffle=True,
+                                     threads=args.threads, log_level=0 if args.verbose else 1)
+    except files.PipelineError as e:
+        die(f"{e}" + (" (lower --vocab-size for a corpus this small)" if "ocabulary size" in str(e) else ""))
 
 
 def cmd_encode(args):
-    import sentencepiece as spm
+    from fairseq_moec.pipeline import subwords
     if len(args.files) % 2:
         die("expected pairs of input and output paths")
-    if not os.path.isfile(args.model):
-        die(f"sentencepiece model not found: {args.model}")
-    sp = spm.SentencePieceProcessor(model_file=args.model)
+    sp = subwords.load(args.model)
     for src, dst in zip(args.files[::2], args.files[1::2]):
-        encode_file(sp, src, dst, args.threads)
+        if not os.path.isfile(src):
+            die(f"input not found: {src}")
+        with progress(total=count_lines(src), unit=" lines", desc=f"encode {os.path.basename(src)}") as bar:
+            subwords.encode_file(sp, src, dst, args.threads, progress=bar.update)
 
 
 def keep_pair(n_src: int, n_tgt: int, min_len: int, max_len: int, ratio: float) -> bool:

@@ -1,15 +1,19 @@
 """Small helpers shared by the WMT recipe scripts: errors, atomic outputs, line I/O, progress bars.
 
 Every script of the recipe reports bad input as one ``SCRIPT: error: ...`` line (argparse's form, no traceback)
-and exit status 2, and writes its
-outputs under a temporary name that is renamed only once complete, so that an interrupted run never leaves a
-file that looks finished.
+and exit status 2, and writes its outputs under a temporary name that is renamed only once complete, so that an
+interrupted run never leaves a file that looks finished. The pipeline steps shared with the demo, the study and the
+benchmarks (atomic outputs, sentencepiece, hypotheses, sacrebleu) come from fairseq_moec.pipeline, imported when a
+script first needs one: it imports the plugin, and with it fairseq (seconds).
 """
-import contextlib
+import logging
 import os
 import sys
-import tempfile
 from typing import Iterable, Iterator, List
+
+# the plugin's patches of fairseq log what they replace when it is imported: news for the fairseq commands, noise
+# for these scripts
+logging.getLogger("fairseq_moec.patches").setLevel(logging.WARNING)
 
 EXIT_BAD_INPUT = 2
 
@@ -31,12 +35,14 @@ def warn(msg: str) -> None:
 
 
 def main_guard(main) -> None:
-    """Run ``main()``; turn RecipeError (and an OSError such as a missing or unreadable input file) into
-    'SCRIPT: error: ...' + exit 2: a traceback would hide the message."""
+    """Run ``main()``; turn RecipeError, the pipeline library's PipelineError and an OSError (such as a missing or
+    unreadable input file) into 'SCRIPT: error: ...' + exit 2: a traceback would hide the message."""
     prog = os.path.basename(sys.argv[0])
     try:
         rc = main()
-    except (RecipeError, OSError) as e:
+    except Exception as e:
+        if not _bad_input(e):
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
@@ -45,35 +51,21 @@ def main_guard(main) -> None:
     sys.exit(rc or 0)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, mode: str = "file") -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, on any error remove it.
+def _bad_input(e: BaseException) -> bool:
+    """A RecipeError, an OSError, or an error of the pipeline library (if a step imported it)."""
+    library = sys.modules.get("fairseq_moec.pipeline.files")
+    return isinstance(e, (RecipeError, OSError)) or (library is not None and isinstance(e, library.PipelineError))
 
-    The temporary sits in the same directory so that the final rename is atomic (same file system)."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(path)
-    if mode == "dir":
-        tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if mode == "dir":
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+def atomic_path(path: str, mode: str = "file"):
+    """fairseq_moec.pipeline.files.atomic_path: a temporary path next to ``path``, renamed to it on success."""
+    from fairseq_moec.pipeline import files
+    return files.atomic_path(path, mode)
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+    from fairseq_moec.pipeline import files
+    files.write_text_atomic(path, text)
 
 
 def require_file(path: str, what: str = "file", allow_empty: bool = False) -> None:
