@@ -16,12 +16,13 @@ def _git(root, *args):
         r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
-    return r.stdout.strip() if r.returncode == 0 else None
+    return r.stdout if r.returncode == 0 else None
 
 
 def git_commit(root=CHECKOUT):
     """The full commit hash of HEAD, or None outside a git checkout."""
-    return _git(root, "rev-parse", "HEAD")
+    out = _git(root, "rev-parse", "HEAD")
+    return out.strip() if out else None
 
 
 def git_changes(root=CHECKOUT, *paths):
