@@ -25,6 +25,7 @@ if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
 OUT=$(mkdir -p "${1:-benchmarks/results}" && cd "${1:-benchmarks/results}" && pwd)
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/gpu_check}
 PKGS=$PWD/.gpu_pkgs
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import fairseq_moec from this checkout
 if [ $SMOKE = 1 ]; then
     PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3 )}
     DEV=cpu

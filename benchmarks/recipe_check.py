@@ -29,11 +29,7 @@ MoE layers per micro-batch.
 """
 import argparse
 import collections
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -41,11 +37,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fairseq_moec.modules import MoEConfig, MoELayer
+from fairseq_moec.modules.experts import ExpertFFNs, Groups
+from fairseq_moec.pipeline import machine as machine_state
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-from fairseq_moec.modules import MoEConfig, MoELayer  # noqa: E402
-from fairseq_moec.modules.experts import ExpertFFNs, Groups  # noqa: E402
 
 RECIPE_LAYER = dict(moe_expert_count=64, moe_clusters=8, moe_top_k=1, moe_router="cosine", moe_expert_sublayers=3,
                     cluster_dropout=0.5, cluster_dropout_reroute="cluster", moe_cluster_loss="intra")
@@ -192,18 +188,10 @@ def syncs(device, tokens):
 
 
 def machine(device):
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": str(device)}
+    """The machine, its load, and the git commit and dirty state of the code (fairseq_moec.pipeline.machine)."""
+    info = machine_state.machine_info(device)
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
         info["capability"] = list(torch.cuda.get_device_capability())
-    try:
-        info["loadavg"] = os.getloadavg()
-        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)  # noqa
-        info["git"] = git("rev-parse", "--short", "HEAD").stdout.strip()
-        info["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
-    except Exception:  # noqa: BLE001
-        pass
     return info
 
 
