@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run
-from fairseq_moec import analyze as A
+from fairseq_moec.analysis import metrics as A
 
 # A fixed routing: T = 6 tokens, E = 4 experts in G = 2 clusters (C0 = {0, 1}, C1 = {2, 3}, m = 2).
 PROBS = torch.tensor([
@@ -133,7 +133,7 @@ def test_analysis_command_on_tiny_model(tiny_moec_checkpoint, tmp_path):
 
     ckpt, data_bin = tiny_moec_checkpoint
     out = tmp_path / "analysis"
-    proc = run([sys.executable, ROOT / "scripts" / "analyze_routing.py", ckpt, data_bin, "--split", "valid",
+    proc = run([sys.executable, "-m", "fairseq_moec.analyze", ckpt, data_bin, "--split", "valid",
                 "--out", out, "--max-sentences", "50", "--batch-size", "16", "--cpu"], cwd=tmp_path)
     assert "enc1:" in proc.stdout and "dec1:" in proc.stdout
 
