@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test clean
 venv:
 	@bash scripts/bootstrap.sh $(VENV)
 
