@@ -22,6 +22,7 @@ do the same decoding work whatever they learnt in a few updates; the figure is t
 fairseq-generate's "Translated N sentences ..." line, median over --gen-reps alternating runs; the hypothesis
 count is checked against the number of test lines.
 """
+
 import argparse
 import json
 import os
@@ -71,8 +72,14 @@ def build_data(args):
     raw = Path(args.raw_dir)
     src, tgt = args.source_lang, args.target_lang
     out = Path(args.work) / "data"
-    key = {"raw": str(raw.resolve()), "vocab": args.vocab, "train_pairs": args.train_pairs,
-           "gen_sentences": args.gen_sentences, "src": src, "tgt": tgt}
+    key = {
+        "raw": str(raw.resolve()),
+        "vocab": args.vocab,
+        "train_pairs": args.train_pairs,
+        "gen_sentences": args.gen_sentences,
+        "src": src,
+        "tgt": tgt,
+    }
     if files.stamp_matches(out / "DONE", key):
         log(f"data: {out / 'bin'} is up to date")
         return out / "bin"
@@ -87,8 +94,9 @@ def build_data(args):
         for lang, lines in ((src, a[:n]), (tgt, b[:n])):
             (out / "raw" / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     log(f"data: joint {args.vocab}-piece unigram sentencepiece model, encoding, fairseq-preprocess")
-    binarize.encode_and_binarize(out, src, tgt, args.vocab, threads=args.threads, workers=args.threads,
-                                 runner=lambda cmd: sh(cmd, args))
+    binarize.encode_and_binarize(
+        out, src, tgt, args.vocab, threads=args.threads, workers=args.threads, runner=lambda cmd: sh(cmd, args)
+    )
     files.write_stamp(out / "DONE", key)
     return out / "bin"
 
@@ -100,17 +108,43 @@ def model_args(args, kind):
         # --user-dir for what the plugin fixes globally (checkpoints that load under torch >= 2.6)
         return ["--user-dir", PLUGIN, "--task", "translation", "--arch", "transformer"] + common
     E, G = args.experts, args.clusters
-    return ["--user-dir", PLUGIN, "--task", "translation_moec", "--arch", "moec_transformer",
-            "--moe-encoder-layers", args.moe_layers, "--moe-decoder-layers", args.moe_layers,
-            "--moe-expert-count", E, "--moe-clusters", G, "--moe-top-k", "1",
-            "--cluster-dropout", "0.5", "--cluster-dropout-interval", "250",
-            "--moe-cluster-loss", "intra",
-            "--moe-balance-weight", "0.01", "--moe-cluster-weight", "0.01"] + common
+    return [
+        "--user-dir",
+        PLUGIN,
+        "--task",
+        "translation_moec",
+        "--arch",
+        "moec_transformer",
+        "--moe-encoder-layers",
+        args.moe_layers,
+        "--moe-decoder-layers",
+        args.moe_layers,
+        "--moe-expert-count",
+        E,
+        "--moe-clusters",
+        G,
+        "--moe-top-k",
+        "1",
+        "--cluster-dropout",
+        "0.5",
+        "--cluster-dropout-interval",
+        "250",
+        "--moe-cluster-loss",
+        "intra",
+        "--moe-balance-weight",
+        "0.01",
+        "--moe-cluster-weight",
+        "0.01",
+    ] + common
 
 
 def criterion_args(kind):
-    return ["--criterion", "label_smoothed_cross_entropy" if kind == "dense" else "moec_label_smoothed_cross_entropy",
-            "--label-smoothing", "0.1"]
+    return [
+        "--criterion",
+        "label_smoothed_cross_entropy" if kind == "dense" else "moec_label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+    ]
 
 
 def device_args(args):
@@ -123,24 +157,88 @@ def precision_args(args):
 
 
 def train_cmd(args, kind, data_bin, rdir, max_update):
-    return ([cli("fairseq-train"), data_bin, "--source-lang", args.source_lang, "--target-lang", args.target_lang,
-             *device_args(args), *precision_args(args), "--num-workers", "0", "--seed", "1",
-             "--optimizer", args.optimizer, "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
-             "--warmup-updates", "150", "--warmup-init-lr", "1e-07", "--max-tokens", args.max_tokens,
-             "--max-update", max_update, "--disable-validation", "--save-dir", rdir / "ckpt",
-             "--no-epoch-checkpoints", "--save-interval-updates", "0",
-             "--log-format", "json", "--log-interval", args.log_interval, "--log-file", rdir / "train.log",
-             "--no-progress-bar"]
-            + criterion_args(kind) + model_args(args, kind))
+    return (
+        [
+            cli("fairseq-train"),
+            data_bin,
+            "--source-lang",
+            args.source_lang,
+            "--target-lang",
+            args.target_lang,
+            *device_args(args),
+            *precision_args(args),
+            "--num-workers",
+            "0",
+            "--seed",
+            "1",
+            "--optimizer",
+            args.optimizer,
+            "--adam-betas",
+            "(0.9, 0.98)",
+            "--lr",
+            "2e-3",
+            "--lr-scheduler",
+            "inverse_sqrt",
+            "--warmup-updates",
+            "150",
+            "--warmup-init-lr",
+            "1e-07",
+            "--max-tokens",
+            args.max_tokens,
+            "--max-update",
+            max_update,
+            "--disable-validation",
+            "--save-dir",
+            rdir / "ckpt",
+            "--no-epoch-checkpoints",
+            "--save-interval-updates",
+            "0",
+            "--log-format",
+            "json",
+            "--log-interval",
+            args.log_interval,
+            "--log-file",
+            rdir / "train.log",
+            "--no-progress-bar",
+        ]
+        + criterion_args(kind)
+        + model_args(args, kind)
+    )
 
 
 def gen_cmd(args, kind, data_bin, rdir):
     L = str(args.gen_len)
-    return [cli("fairseq-generate"), data_bin, "--source-lang", args.source_lang, "--target-lang", args.target_lang,
-            "--user-dir", PLUGIN, "--task", "translation" if kind == "dense" else "translation_moec",
-            "--path", rdir / "ckpt" / "checkpoint_last.pt", "--gen-subset", args.gen_subset, *device_args(args),
-            "--beam", args.beam, "--batch-size", args.gen_batch, "--required-batch-size-multiple", "1",
-            "--min-len", L, "--max-len-a", "0", "--max-len-b", L, "--num-workers", "0"]
+    return [
+        cli("fairseq-generate"),
+        data_bin,
+        "--source-lang",
+        args.source_lang,
+        "--target-lang",
+        args.target_lang,
+        "--user-dir",
+        PLUGIN,
+        "--task",
+        "translation" if kind == "dense" else "translation_moec",
+        "--path",
+        rdir / "ckpt" / "checkpoint_last.pt",
+        "--gen-subset",
+        args.gen_subset,
+        *device_args(args),
+        "--beam",
+        args.beam,
+        "--batch-size",
+        args.gen_batch,
+        "--required-batch-size-multiple",
+        "1",
+        "--min-len",
+        L,
+        "--max-len-a",
+        "0",
+        "--max-len-b",
+        L,
+        "--num-workers",
+        "0",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- logs
@@ -162,8 +260,9 @@ def generate_figures(text, model):
     if g is None:
         raise SystemExit(f"no 'Translated ...' line in the output of fairseq-generate for {model}")
     try:
-        g["hypotheses"] = len(hypotheses.hypotheses(text.splitlines(), g["sentences"], f"fairseq-generate ({model})",
-                                                    "sentences"))
+        g["hypotheses"] = len(
+            hypotheses.hypotheses(text.splitlines(), g["sentences"], f"fairseq-generate ({model})", "sentences")
+        )
     except files.PipelineError as e:
         raise SystemExit(str(e)) from None
     return g
@@ -172,10 +271,16 @@ def generate_figures(text, model):
 # --------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-bin", default=None, help="binarized data (fairseq-preprocess --joined-dictionary); "
-                   "default: build one from --raw-dir under --work")
-    p.add_argument("--raw-dir", default=None, help="raw parallel text {train,valid,test}.{src,tgt}[.xz] "
-                   "(default: the bundled Spanish-English corpus)")
+    p.add_argument(
+        "--data-bin",
+        default=None,
+        help="binarized data (fairseq-preprocess --joined-dictionary); default: build one from --raw-dir under --work",
+    )
+    p.add_argument(
+        "--raw-dir",
+        default=None,
+        help="raw parallel text {train,valid,test}.{src,tgt}[.xz] (default: the bundled Spanish-English corpus)",
+    )
     p.add_argument("--source-lang", default="es")
     p.add_argument("--target-lang", default="en")
     p.add_argument("--work", default=str(ROOT / "work" / "bench_e2e"))
@@ -198,14 +303,25 @@ def main(argv=None):
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: fairseq's default GPU")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="training precision of both models (bf16: the WMT recipe's; the experts then run "
-                        "torch._grouped_mm on H100-class GPUs)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="training precision of both models (bf16: the WMT recipe's; the experts then run "
+        "torch._grouped_mm on H100-class GPUs)",
+    )
     p.add_argument("--models", default="dense,moec")
-    p.add_argument("--optimizer", default="torch_adam", choices=["torch_adam", "adam"],
-                   help="torch_adam: fused AdamW (the plugin's); adam: fairseq's per-parameter loop")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1000-piece vocab on 2000 pairs, "
-                   "4 updates, 20 test sentences")
+    p.add_argument(
+        "--optimizer",
+        default="torch_adam",
+        choices=["torch_adam", "adam"],
+        help="torch_adam: fused AdamW (the plugin's); adam: fairseq's per-parameter loop",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny model, 1000-piece vocab on 2000 pairs, 4 updates, 20 test sentences",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e_<device>.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -215,8 +331,18 @@ def main(argv=None):
         args.max_tokens = 1024
         args.work = str(Path(args.work).with_name(Path(args.work).name + "_quick"))
         args.out = args.out or str(HERE / "results" / f"e2e_{args.device}_quick.json")
-    for name in ("layers", "dim", "ffn", "heads", "experts", "clusters", "max_tokens", "log_interval", "beam",
-                 "gen_batch"):
+    for name in (
+        "layers",
+        "dim",
+        "ffn",
+        "heads",
+        "experts",
+        "clusters",
+        "max_tokens",
+        "log_interval",
+        "beam",
+        "gen_batch",
+    ):
         setattr(args, name, str(getattr(args, name)))
     models = [m for m in args.models.split(",") if m]
     t_start = time.time()
@@ -259,9 +385,14 @@ def main(argv=None):
             kept += part[1:] if len(part) > 1 else part  # leave out the first record of each slice
             prev = upto
         wps = [r["wps"] for r in kept]
-        result["train"][m] = {"wps_median": statistics.median(wps) if wps else None,
-                              "wps_mean": statistics.mean(wps) if wps else None, "wps_records": wps,
-                              "updates": updates, "log": str(rdir / "train.log"), "commands": commands[m]}
+        result["train"][m] = {
+            "wps_median": statistics.median(wps) if wps else None,
+            "wps_mean": statistics.mean(wps) if wps else None,
+            "wps_records": wps,
+            "updates": updates,
+            "log": str(rdir / "train.log"),
+            "commands": commands[m],
+        }
 
     # generation, alternating repetitions
     for rep in range(int(args.gen_reps)):
@@ -274,8 +405,10 @@ def main(argv=None):
             if r.returncode:
                 raise SystemExit(f"fairseq-generate failed for {m}:\n{(r.stdout + r.stderr)[-3000:]}")
             g = generate_figures(r.stdout + r.stderr, m)
-            log(f"{m}: generate rep {rep}: {g['sentences']} sentences, {g['sentences_per_s']:.2f} sentences/s, "
-                f"{g['tokens_per_s']:.1f} tokens/s")
+            log(
+                f"{m}: generate rep {rep}: {g['sentences']} sentences, {g['sentences_per_s']:.2f} sentences/s, "
+                f"{g['tokens_per_s']:.1f} tokens/s"
+            )
             entry = result["generate"].setdefault(m, {"runs": [], "command": " ".join(str(c) for c in cmd)})
             entry["runs"].append(g)
     for m, entry in result["generate"].items():
@@ -287,16 +420,21 @@ def main(argv=None):
         tr, gn = result["train"], result["generate"]
         if tr["dense"]["wps_median"] and tr["moec"]["wps_median"]:
             result["train_wps_ratio_moec_over_dense"] = tr["moec"]["wps_median"] / tr["dense"]["wps_median"]
-        result["generate_sps_ratio_moec_over_dense"] = (gn["moec"]["sentences_per_s_median"]
-                                                        / gn["dense"]["sentences_per_s_median"])
+        result["generate_sps_ratio_moec_over_dense"] = (
+            gn["moec"]["sentences_per_s_median"] / gn["dense"]["sentences_per_s_median"]
+        )
     print()
     print(f"{'model':<8}{'train wps (median)':>20}{'generate sentences/s':>22}")
     for m in models:
-        print(f"{m:<8}{result['train'][m]['wps_median'] or float('nan'):>20.0f}"
-              f"{result['generate'][m]['sentences_per_s_median']:>22.2f}")
+        print(
+            f"{m:<8}{result['train'][m]['wps_median'] or float('nan'):>20.0f}"
+            f"{result['generate'][m]['sentences_per_s_median']:>22.2f}"
+        )
     if "train_wps_ratio_moec_over_dense" in result:
-        print(f"{'moec/dense':<8}{result['train_wps_ratio_moec_over_dense']:>20.3f}"
-              f"{result['generate_sps_ratio_moec_over_dense']:>22.3f}")
+        print(
+            f"{'moec/dense':<8}{result['train_wps_ratio_moec_over_dense']:>20.3f}"
+            f"{result['generate_sps_ratio_moec_over_dense']:>22.3f}"
+        )
     out = Path(args.out) if args.out else HERE / "results" / f"e2e_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     files.write_text_atomic(out, json.dumps(result, indent=1, default=str))

@@ -23,6 +23,7 @@ case of the group once, in order; the first round is warm-up; the figure is the 
 On CUDA each timed sample is the mean of --iters steps between CUDA events. Memory: layer_memory.py; the peers:
 layer_peers.py; the rows and the JSON (machine, load, git commit and dirty state): layer_report.py.
 """
+
 import argparse
 import gc
 import statistics
@@ -30,14 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-
 import layer_peers
 import layer_report
+import torch
+import torch.nn as nn
+from layer_memory import backward, measure_memory
+
 from fairseq_moec.modules import MoEConfig, MoELayer
 from fairseq_moec.pipeline import machine
-from layer_memory import backward, measure_memory
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,8 +76,10 @@ def build_group(E, args, peers, device, dtype):
 
     dense = ffn(d, f).to(device, dtype)
     if want(args, "dense"):
+
         def run_dense(m=dense):
             backward([m(leaf())], [gout])
+
         cases.append(Case("dense", "dense", E, 1, 1, 0.0, run_dense, dense.parameters()))
 
     # ours: one set of experts and one router shared by the four variants (routing and dropout differ)
@@ -88,8 +91,9 @@ def build_group(E, args, peers, device, dtype):
             name = f"moec-k{k}" + (f"-G{G}-drop" if clustered else "")
             if not want(args, name):
                 continue
-            layer = MoELayer(MoEConfig(moe_expert_count=E, moe_clusters=G, moe_top_k=k, cluster_dropout=drop),
-                             d, f).to(device, dtype)
+            layer = MoELayer(MoEConfig(moe_expert_count=E, moe_clusters=G, moe_top_k=k, cluster_dropout=drop), d, f).to(
+                device, dtype
+            )
             if shared is None:
                 shared = layer
             else:
@@ -99,6 +103,7 @@ def build_group(E, args, peers, device, dtype):
             def run_moec(m=layer):
                 out = m(leaf())
                 backward([out, sum(m.last_losses.values())], [gout, None])
+
             cases.append(Case(name, "moec", E, k, G, drop, run_moec, layer.parameters()))
 
     # peers: one ModuleList of E expert FFNs shared by all peer cases
@@ -106,25 +111,32 @@ def build_group(E, args, peers, device, dtype):
         print(f"[bench] E={E}: T={T} not divisible by E, peers skipped", file=sys.stderr)
     elif peers:
         experts = nn.ModuleList(ffn(d, f) for _ in range(E)).to(device, dtype)
-        for name, k, fn, params, note in layer_peers.peer_steps(peers, experts, x, gout, leaf, device, dtype,
-                                                                 lambda n: want(args, n)):
+        for name, k, fn, params, note in layer_peers.peer_steps(
+            peers, experts, x, gout, leaf, device, dtype, lambda n: want(args, n)
+        ):
             cases.append(Case(name, name.split("-")[0], E, k, 1, 0.0, fn, params, note=note))
 
     # floors: one matmul vs a loop of E matmuls vs one bmm (forward fc1 only, same FLOPs), and the
     # weight-gradient write that any MoE pays (fresh memory each step, as with grads set to None)
     if args.floors:
         n = T // E
-        w1 = (torch.randn(E, f, d, generator=g) * d ** -0.5).to(device, dtype)
+        w1 = (torch.randn(E, f, d, generator=g) * d**-0.5).to(device, dtype)
         w2 = torch.randn(E, d, f, generator=g).to(device, dtype)
         W = w1[0].clone()
         xb = x.view(E, n, d)
         floors = (
             ("mm-one", lambda: torch.mm(x, W.t()), "x[T, d] @ W[d, f]: one matmul"),
-            ("mm-loop", lambda: [torch.mm(x[e * n:(e + 1) * n], w1[e].t()) for e in range(E)],
-             "E matmuls x[T/E, d] @ W_e[d, f]"),
+            (
+                "mm-loop",
+                lambda: [torch.mm(x[e * n : (e + 1) * n], w1[e].t()) for e in range(E)],
+                "E matmuls x[T/E, d] @ W_e[d, f]",
+            ),
             ("mm-bmm", lambda: torch.bmm(xb, w1.transpose(1, 2)), "one bmm [E, T/E, d] @ [E, d, f]"),
-            ("gradwrite", lambda: (torch.zeros_like(w1), torch.zeros_like(w2)),
-             "allocate + zero E x (fc1 + fc2) weight-gradient bytes"),
+            (
+                "gradwrite",
+                lambda: (torch.zeros_like(w1), torch.zeros_like(w2)),
+                "allocate + zero E x (fc1 + fc2) weight-gradient bytes",
+            ),
         )
         for name, fn, note in floors:
             if want(args, name) and (name != "mm-loop" or T % E == 0):
@@ -184,11 +196,18 @@ def parse_args(argv=None):
     p.add_argument("--cases", default="", help="comma-separated case-name prefixes to run (default all)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
-                   help="matmul floors and the weight-gradient write (cheap)")
+    p.add_argument(
+        "--floors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="matmul floors and the weight-gradient write (cheap)",
+    )
     p.add_argument("--sync-check", action="store_true", help="CUDA: count host synchronisations of our layer")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: T=256, d=128, FFN 512, E in {4, 8}, 1 round, no warm-up, 1 thread")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: T=256, d=128, FFN 512, E in {4, 8}, 1 round, no warm-up, 1 thread",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layer_<device>.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -216,10 +235,13 @@ def main(argv=None):
         layer_peers.init_process_group(device)
     t_start = time.time()
     info = machine.machine_info(device, args.threads)
-    print(f"[bench] {info.get('gpu') or info.get('cpu')} | torch {torch.__version__} | {args.threads} threads | "
-          f"{args.dtype} | T={args.tokens} d={args.dim} ffn={args.ffn} | E={args.experts} | "
-          f"{args.rounds} rounds (+{args.warmup} warm-up) | peers: {sorted(peers) or 'none'} | "
-          f"git {info['git_commit']}{' (dirty tree)' if info['git_dirty'] else ''}", flush=True)
+    print(
+        f"[bench] {info.get('gpu') or info.get('cpu')} | torch {torch.__version__} | {args.threads} threads | "
+        f"{args.dtype} | T={args.tokens} d={args.dim} ffn={args.ffn} | E={args.experts} | "
+        f"{args.rounds} rounds (+{args.warmup} warm-up) | peers: {sorted(peers) or 'none'} | "
+        f"git {info['git_commit']}{' (dirty tree)' if info['git_dirty'] else ''}",
+        flush=True,
+    )
 
     groups = []
     for E in args.experts:
@@ -237,8 +259,11 @@ def main(argv=None):
             c.params = []  # let the group's tensors go
         groups.append(cases)
         med = {c.name: statistics.median(c.times) * 1e3 for c in cases if c.times}
-        print(f"[bench] E={E:>4} done ({time.time() - t_start:.0f}s): " +
-              ", ".join(f"{n} {t:.1f}ms" for n, t in med.items()), flush=True)
+        print(
+            f"[bench] E={E:>4} done ({time.time() - t_start:.0f}s): "
+            + ", ".join(f"{n} {t:.1f}ms" for n, t in med.items()),
+            flush=True,
+        )
         del cases
         gc.unfreeze()
         gc.collect()
@@ -248,21 +273,35 @@ def main(argv=None):
     rows = layer_report.summarise(groups, args.tokens)
     print()
     layer_report.print_table(rows, device.type == "cuda")
-    result = {"machine": info, "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "settings": {"device": args.device, "dtype": args.dtype, "threads": args.threads,
-                           "tokens": args.tokens, "dim": args.dim, "ffn": args.ffn, "experts": args.experts,
-                           "rounds": args.rounds, "warmup": args.warmup, "iters": args.iters,
-                           "quick": args.quick},
-              "results": rows}
+    result = {
+        "machine": info,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "settings": {
+            "device": args.device,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "tokens": args.tokens,
+            "dim": args.dim,
+            "ffn": args.ffn,
+            "experts": args.experts,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "quick": args.quick,
+        },
+        "results": rows,
+    }
     if args.sync_check and device.type == "cuda":
         import layer_sync
+
         result["sync_check"] = layer_sync.sync_check(args, device, dtype)
         print("\n[bench] host synchronisations per forward+backward (torch.cuda.set_sync_debug_mode('warn')):")
         for key, v in result["sync_check"].items():
             print(f"  {key:<34} {v['syncs']!s:>4}  {v.get('where', '')}  {v.get('profiler', '')} {v.get('error', '')}")
     machine.finish(info, t_start)
-    out = Path(args.out) if args.out else HERE / "results" / (
-        f"layer_{device.type}{'_quick' if args.quick else ''}.json")
+    out = (
+        Path(args.out) if args.out else HERE / "results" / (f"layer_{device.type}{'_quick' if args.quick else ''}.json")
+    )
     layer_report.write_json(out, result)
     print(f"\n[bench] wrote {out} ({time.time() - t_start:.0f}s)")
     return result

@@ -12,6 +12,7 @@ interleaved: every round times one optimizer.step() of each (the order alternate
 ratio adam / torch_adam is measured side by side; the figures are medians over the rounds. Writes JSON with the
 machine, its load, the git commit and dirty state, the settings and every time.
 """
+
 import argparse
 import copy
 import statistics
@@ -21,9 +22,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import bench_e2e
 import torch
 
-import bench_e2e
 from fairseq_moec.pipeline import machine, small_model
 
 HERE = Path(__file__).resolve().parent
@@ -33,19 +34,39 @@ OPTIMIZERS = ("adam", "torch_adam")
 def fairseq_args(data, experts, clusters, optimizer):
     """fairseq-train's parsed arguments for bench_e2e.py's MoEC model and OPTIMIZER (its Adam settings)."""
     from fairseq import options
-    sizes = SimpleNamespace(**{k: str(v) for k, v in small_model.SIZES.items()}, experts=str(experts),
-                            clusters=str(clusters), moe_layers="1")
-    argv = [str(data), "--source-lang", "es", "--target-lang", "en", "--cpu", "--optimizer", optimizer,
-            "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", *bench_e2e.criterion_args("moec"),
-            *(str(a) for a in bench_e2e.model_args(sizes, "moec"))]
+
+    sizes = SimpleNamespace(
+        **{k: str(v) for k, v in small_model.SIZES.items()},
+        experts=str(experts),
+        clusters=str(clusters),
+        moe_layers="1",
+    )
+    argv = [
+        str(data),
+        "--source-lang",
+        "es",
+        "--target-lang",
+        "en",
+        "--cpu",
+        "--optimizer",
+        optimizer,
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--lr",
+        "2e-3",
+        *bench_e2e.criterion_args("moec"),
+        *(str(a) for a in bench_e2e.model_args(sizes, "moec")),
+    ]
     return options.parse_args_and_arch(options.get_training_parser(), argv)
 
 
 def build(args):
     """The model's parameters, and one optimizer per name over its own copy of them, with equal gradients."""
-    import fairseq_moec  # noqa: F401  (registers the model and torch_adam)
     from fairseq import optim, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    import fairseq_moec  # noqa: F401  (registers the model and torch_adam)
+
     with tempfile.TemporaryDirectory() as data:
         # a joined dictionary as fairseq-preprocess writes it: 4 specials + symbols, padded to a multiple of 8
         words = "".join(f"w{i} 1\n" for i in range(args.vocab + (-(args.vocab + 4)) % 8))
@@ -86,12 +107,15 @@ def main(argv=None):
     info = machine.machine_info("cpu", args.threads)
     shapes, opts = build(args)
     n_params = sum(torch.Size(s).numel() for s in shapes)
-    print(f"[optim] {info.get('cpu')} | torch {torch.__version__} | {args.threads} threads | load "
-          f"{info['loadavg_at_start']} | git {info['git_commit']}{' (dirty tree)' if info['git_dirty'] else ''} | "
-          f"{len(shapes)} tensors, {n_params / 1e6:.1f}M parameters (E={args.experts})", flush=True)
+    print(
+        f"[optim] {info.get('cpu')} | torch {torch.__version__} | {args.threads} threads | load "
+        f"{info['loadavg_at_start']} | git {info['git_commit']}{' (dirty tree)' if info['git_dirty'] else ''} | "
+        f"{len(shapes)} tensors, {n_params / 1e6:.1f}M parameters (E={args.experts})",
+        flush=True,
+    )
     times = {name: [] for name in OPTIMIZERS}
     for r in range(args.warmup + args.rounds):
-        for name in (OPTIMIZERS if r % 2 == 0 else OPTIMIZERS[::-1]):
+        for name in OPTIMIZERS if r % 2 == 0 else OPTIMIZERS[::-1]:
             t0 = time.perf_counter()
             opts[name].step()
             dt = time.perf_counter() - t0
@@ -102,11 +126,19 @@ def main(argv=None):
     for name in OPTIMIZERS:
         print(f"{name:<12} median {median[name]:8.1f} ms per step  ({', '.join(f'{t:.0f}' for t in times[name])})")
     print(f"adam / torch_adam: {ratio:.2f}x")
-    result = {"machine": machine.finish(info, t_start), "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "settings": vars(args), "parameters": n_params, "tensors": len(shapes),
-              "step_ms": times, "median_ms": median, "ratio_adam_over_torch_adam": ratio}
+    result = {
+        "machine": machine.finish(info, t_start),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "settings": vars(args),
+        "parameters": n_params,
+        "tensors": len(shapes),
+        "step_ms": times,
+        "median_ms": median,
+        "ratio_adam_over_torch_adam": ratio,
+    }
     out = Path(args.out) if args.out else HERE / "results" / f"optim_cpu{'_quick' if args.quick else ''}.json"
     from layer_report import write_json
+
     write_json(out, result)
     print(f"[optim] wrote {out}")
     return result

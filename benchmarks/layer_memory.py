@@ -7,6 +7,7 @@ an event with its byte count and address; they are replayed in order, the alloca
 when backward starts (what autograd holds for backward, plus the output). CUDA: torch.cuda.max_memory_allocated
 over the step minus what was allocated before it, minus the bytes of the parameter gradients.
 """
+
 import json
 import os
 import tempfile
@@ -32,6 +33,7 @@ def grad_bytes(params):
 def measure_memory_cpu(case):
     global _mark
     from torch.profiler import ProfilerActivity, profile, record_function
+
     for p in case.params:
         p.grad = None
     _mark = record_function
@@ -51,8 +53,10 @@ def measure_memory_cpu(case):
     finally:
         os.unlink(path)
     bwd_ts = min((e["ts"] for e in events if e.get("name") == "bench_backward"), default=None)
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
-                 key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+        key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)),
+    )
     last_alloc = {}
     for i, e in enumerate(mem):
         if e["args"]["Bytes"] > 0:
@@ -70,8 +74,13 @@ def measure_memory_cpu(case):
             fwd_peak = peak
     if saved is None:
         saved = total
-    return {"peak_bytes": peak, "fwd_peak_bytes": fwd_peak, "saved_bytes": saved,
-            "param_grad_bytes": grad_bytes(case.params), "method": "torch.profiler profile_memory replay"}
+    return {
+        "peak_bytes": peak,
+        "fwd_peak_bytes": fwd_peak,
+        "saved_bytes": saved,
+        "param_grad_bytes": grad_bytes(case.params),
+        "method": "torch.profiler profile_memory replay",
+    }
 
 
 def measure_memory_cuda(case):
@@ -84,8 +93,11 @@ def measure_memory_cuda(case):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     gb = grad_bytes(case.params)
-    return {"peak_bytes": peak - gb, "param_grad_bytes": gb,
-            "method": "cuda max_memory_allocated - before - param grads"}
+    return {
+        "peak_bytes": peak - gb,
+        "param_grad_bytes": gb,
+        "method": "cuda max_memory_allocated - before - param grads",
+    }
 
 
 def measure_memory(case, device):

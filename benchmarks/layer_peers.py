@@ -2,19 +2,20 @@
 2T/E, one-hot [T, E, C] dispatch) and torchscale 0.3.0 (component.xmoe MOELayer + Top1Gate with capacity factor 1.0,
 or Top2Gate). Both are optional (benchmarks/install_peers.sh) and need a process group (one process here).
 """
+
 import socket
 import sys
 import warnings
 from types import SimpleNamespace
 
 import torch
-
 from layer_memory import backward
 
 
 def init_process_group(device):
     """A single-process gloo (CPU) or NCCL (CUDA) group on a free local port."""
     import torch.distributed as dist
+
     if dist.is_initialized():
         return
     with socket.socket() as s:
@@ -34,24 +35,30 @@ def import_peers():
         warnings.simplefilter("ignore")
         try:
             from fairscale.nn.moe import MOELayer, Top2Gate
+
             out["fairscale"] = SimpleNamespace(MOELayer=MOELayer, Top2Gate=Top2Gate)
         except Exception as e:  # noqa: BLE001
-            print(f"[bench] fairscale not available ({type(e).__name__}: {e}); "
-                  "install with benchmarks/install_peers.sh", file=sys.stderr)
+            print(
+                f"[bench] fairscale not available ({type(e).__name__}: {e}); install with benchmarks/install_peers.sh",
+                file=sys.stderr,
+            )
         # torchscale's xmoe tries `from fairseq.modules.moe import MOELayer` (absent in fairseq 0.12, so it
         # falls back to nn.Module): hide fairseq for that import instead of paying its ~5-20 s start-up
         hide = "fairseq" not in sys.modules
         if hide:
             sys.modules["fairseq"] = None
         try:
-            from torchscale.component.xmoe.moe_layer import MOELayer  # first: the import that looks for fairseq
             from torchscale.component.xmoe import routing
+            from torchscale.component.xmoe.moe_layer import MOELayer  # first: the import that looks for fairseq
             from torchscale.component.xmoe.routing import Top1Gate, Top2Gate
+
             routing.torch = _HistcFloatTorch()  # see _HistcFloatTorch
             out["torchscale"] = SimpleNamespace(MOELayer=MOELayer, Top1Gate=Top1Gate, Top2Gate=Top2Gate)
         except Exception as e:  # noqa: BLE001
-            print(f"[bench] torchscale not available ({type(e).__name__}: {e}); "
-                  "install with benchmarks/install_peers.sh", file=sys.stderr)
+            print(
+                f"[bench] torchscale not available ({type(e).__name__}: {e}); install with benchmarks/install_peers.sh",
+                file=sys.stderr,
+            )
         finally:
             if hide:
                 del sys.modules["fairseq"]
@@ -86,6 +93,7 @@ def peer_steps(peers, experts, x, gout, leaf, device, dtype, want):
         def wrapped():
             with torch.autocast(device.type, dtype=dtype):
                 fn()
+
         return wrapped
 
     if "fairscale" in peers and want("fairscale-k2"):
@@ -95,6 +103,7 @@ def peer_steps(peers, experts, x, gout, leaf, device, dtype, want):
         def run_fairscale(m=moe):
             y = m(leaf().view(T, 1, d))
             backward([y, m.l_aux], [gout.view(T, 1, d), None])
+
         out.append(("fairscale-k2", 2, autocast(run_fairscale), moe.parameters(), "capacity 2T/E"))
     if "torchscale" in peers:
         P = peers["torchscale"]
@@ -108,6 +117,14 @@ def peer_steps(peers, experts, x, gout, leaf, device, dtype, want):
             def run_torchscale(m=moe):
                 y, l_aux = m(leaf().view(1, T, d))
                 backward([y, l_aux], [gout.view(1, T, d), None])
-            out.append((f"torchscale-k{k}", k, autocast(run_torchscale), moe.parameters(),
-                        "capacity factor 1.0" if k == 1 else "capacity 2*ceil(T/E)"))
+
+            out.append(
+                (
+                    f"torchscale-k{k}",
+                    k,
+                    autocast(run_torchscale),
+                    moe.parameters(),
+                    "capacity factor 1.0" if k == 1 else "capacity 2*ceil(T/E)",
+                )
+            )
     return out

@@ -1,6 +1,7 @@
 """Host synchronisations of the MoE layer on CUDA (bench_layer.py --sync-check): one forward+backward under
 torch.cuda.set_sync_debug_mode('warn'), counted by source line, plus the profiler's synchronize and device-to-host
 copy events; and, for comparison, those of torch.bincount and its scatter_add_ replacement."""
+
 import collections
 import warnings
 from pathlib import Path
@@ -42,8 +43,13 @@ def sync_check(args, device, dtype):
             def fwd_bwd(layer=layer, x=x):
                 out = layer(x)
                 torch.autograd.backward([out, sum(layer.last_losses.values())], [torch.ones_like(out), None])
-            key = (f"moec-k{k}" + (f"-G{G}-drop" if drop else "") + f"-E{E}-"
-                   + ("bf16" if dt == torch.bfloat16 else "fp32"))
+
+            key = (
+                f"moec-k{k}"
+                + (f"-G{G}-drop" if drop else "")
+                + f"-E{E}-"
+                + ("bf16" if dt == torch.bfloat16 else "fp32")
+            )
             try:
                 n, where = count(fwd_bwd)
             except Exception as e:  # noqa: BLE001
@@ -53,17 +59,22 @@ def sync_check(args, device, dtype):
             # the same with the profiler: cudaStreamSynchronize calls and device-to-host copies
             try:
                 from torch.profiler import ProfilerActivity, profile
+
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     fwd_bwd()
                     torch.cuda.synchronize()
                 names = collections.Counter(e.name for e in prof.events())
-                res[key]["profiler"] = {n_: c for n_, c in names.items()
-                                        if any(s_ in n_ for s_ in ("Synchronize", "DtoH", "Memcpy"))}
+                res[key]["profiler"] = {
+                    n_: c for n_, c in names.items() if any(s_ in n_ for s_ in ("Synchronize", "DtoH", "Memcpy"))
+                }
             except Exception as e:  # noqa: BLE001
                 res[key]["profiler_error"] = f"{type(e).__name__}: {e}"[:200]
     idx = torch.randint(0, E, (T,), device=device)
     res["torch.bincount(minlength=E)"] = {"syncs": count(lambda: torch.bincount(idx, minlength=E))[0]}
-    res["zeros(E).scatter_add_"] = {"syncs": count(
-        lambda: torch.zeros(E, dtype=torch.long, device=device).scatter_add_(0, idx, torch.ones_like(idx)))[0]}
+    res["zeros(E).scatter_add_"] = {
+        "syncs": count(
+            lambda: torch.zeros(E, dtype=torch.long, device=device).scatter_add_(0, idx, torch.ones_like(idx))
+        )[0]
+    }
     res["counts.tolist()"] = {"syncs": count(lambda: torch.bincount(idx, minlength=E).tolist())[0]}
     return res

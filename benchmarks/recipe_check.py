@@ -27,6 +27,7 @@ Syncs (CUDA): torch.cuda.set_sync_debug_mode('warn') over one forward + losses +
 bf16 and fp16, with and without a padding mask; plus the profiler's device-to-host copies. A recipe step runs 2
 MoE layers per micro-batch.
 """
+
 import argparse
 import collections
 import json
@@ -43,8 +44,16 @@ from fairseq_moec.pipeline import machine as machine_state
 
 HERE = Path(__file__).resolve().parent
 
-RECIPE_LAYER = dict(moe_expert_count=64, moe_clusters=8, moe_top_k=1, moe_router="cosine", moe_expert_sublayers=3,
-                    cluster_dropout=0.5, cluster_dropout_reroute="cluster", moe_cluster_loss="intra")
+RECIPE_LAYER = dict(
+    moe_expert_count=64,
+    moe_clusters=8,
+    moe_top_k=1,
+    moe_router="cosine",
+    moe_expert_sublayers=3,
+    cluster_dropout=0.5,
+    cluster_dropout_reroute="cluster",
+    moe_cluster_loss="intra",
+)
 
 
 def cast_grouped_forward(experts: ExpertFFNs, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -91,10 +100,16 @@ def precision(device, E, d, ffn, rows):
             experts = ExpertFFNs(E, d, ffn, 3).to(dtype)
         experts.load_state_dict(base.state_dict())
         x = x0.to(dtype).requires_grad_()
-        fwd = (lambda: cast_grouped_forward(experts, x, counts)) if name == "fp16-as-bf16" else (
-            lambda: experts(x, counts))
-        path = "grouped" if name != "fp16-loop" and (name == "fp16-as-bf16" or Groups.of(x, counts).counts is None) \
+        fwd = (
+            (lambda e=experts: cast_grouped_forward(e, x, counts))
+            if name == "fp16-as-bf16"
+            else (lambda e=experts: e(x, counts))
+        )
+        path = (
+            "grouped"
+            if name != "fp16-loop" and (name == "fp16-as-bf16" or Groups.of(x, counts).counts is None)
             else "loop"
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -115,11 +130,17 @@ def precision(device, E, d, ffn, rows):
         grads = {k: v for k, v in err.items() if k != "output"}
         worst = max(grads, key=grads.get)
         res["methods"][name] = {
-            "dtype": str(dtype).replace("torch.", ""), "path": path,
-            "output_rel_err": err["output"], "output_rel_err_x2^-8": err["output"] / 2 ** -8,
-            "worst_grad": worst, "worst_grad_rel_err": grads[worst], "worst_grad_rel_err_x2^-8": grads[worst] / 2 ** -8,
+            "dtype": str(dtype).replace("torch.", ""),
+            "path": path,
+            "output_rel_err": err["output"],
+            "output_rel_err_x2^-8": err["output"] / 2**-8,
+            "worst_grad": worst,
+            "worst_grad_rel_err": grads[worst],
+            "worst_grad_rel_err_x2^-8": grads[worst] / 2**-8,
             "median_grad_rel_err": sorted(grads.values())[len(grads) // 2],
-            "saved_for_backward_bytes": saved, "cuda_peak_bytes": peak}
+            "saved_for_backward_bytes": saved,
+            "cuda_peak_bytes": peak,
+        }
         del experts, ref, out, ref_out
     return res
 
@@ -127,7 +148,7 @@ def precision(device, E, d, ffn, rows):
 def update_rounding(lrs=(5e-4, 1e-4, 4.4e-5)):
     torch.manual_seed(0)
     w = torch.empty(4096, 1024)
-    torch.nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+    torch.nn.init.kaiming_uniform_(w, a=5**0.5)
     res = {}
     for lr in lrs:
         step = lr * torch.randn_like(w).clamp(-3, 3)
@@ -153,6 +174,7 @@ def count_syncs(fn):
         if "synchroniz" in str(w.message).lower():
             where[f"{Path(w.filename).name}:{w.lineno}"] += 1
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -170,18 +192,23 @@ def syncs(device, tokens):
             layer = MoELayer(MoEConfig(**RECIPE_LAYER), 1024, 4096).to(dtype).train()
         x = torch.randn(L, B, 1024, device=device, dtype=dtype, requires_grad=True)
         pad = torch.zeros(L, B, dtype=torch.bool, device=device)
-        pad[-L // 8:, ::2] = True  # padding at the end of every other sentence
+        pad[-L // 8 :, ::2] = True  # padding at the end of every other sentence
         for padded in (False, True):
+
             def step(layer=layer, x=x, mask=pad if padded else None):
                 out = layer(x, mask)
                 torch.autograd.backward([out, sum(layer.last_losses.values())], [torch.ones_like(out), None])
+
             key = f"{str(dtype).replace('torch.', '')}-{'padding' if padded else 'no-padding'}"
             try:
                 res[key] = count_syncs(step)
             except Exception as e:  # noqa: BLE001
                 res[key] = {"syncs": None, "error": f"{type(e).__name__}: {e}"[:300]}
-            print(f"[recipe] syncs per MoE-layer forward+backward, {key}: {res[key].get('syncs')} "
-                  f"{res[key].get('where', res[key].get('error'))}", flush=True)
+            print(
+                f"[recipe] syncs per MoE-layer forward+backward, {key}: {res[key].get('syncs')} "
+                f"{res[key].get('where', res[key].get('error'))}",
+                flush=True,
+            )
         del layer, x
         torch.cuda.empty_cache()
     return res
@@ -209,13 +236,17 @@ def main(argv=None):
     result["precision"] = precision(device, *sizes)
     print(f"[recipe] precision against fp64 (E={sizes[0]}, d {sizes[1]}, FFN {sizes[2]}, 3 sublayers, relu):")
     for name, r in result["precision"]["methods"].items():
-        peak = "-" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / 2 ** 20:.1f} MiB"
-        print(f"  {name:<13} {r['path']:<8} output {r['output_rel_err_x2^-8']:6.2f} x 2^-8, worst gradient "
-              f"{r['worst_grad_rel_err_x2^-8']:6.2f} x 2^-8 ({r['worst_grad']}), saved for backward "
-              f"{r['saved_for_backward_bytes'] / 2 ** 20:.2f} MiB, CUDA peak {peak}")
+        peak = "-" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / 2**20:.1f} MiB"
+        print(
+            f"  {name:<13} {r['path']:<8} output {r['output_rel_err_x2^-8']:6.2f} x 2^-8, worst gradient "
+            f"{r['worst_grad_rel_err_x2^-8']:6.2f} x 2^-8 ({r['worst_grad']}), saved for backward "
+            f"{r['saved_for_backward_bytes'] / 2**20:.2f} MiB, CUDA peak {peak}"
+        )
     result["update_lost_to_rounding"] = update_rounding()
-    print("[recipe] expert weight updates of size lr lost to rounding: " + ", ".join(
-        f"{k} {v:.1%}" for k, v in result["update_lost_to_rounding"].items()))
+    print(
+        "[recipe] expert weight updates of size lr lost to rounding: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in result["update_lost_to_rounding"].items())
+    )
     if device.type == "cuda":
         result["syncs"] = syncs(device, args.tokens)
     out = Path(args.out) if args.out else HERE / "results" / f"recipe_check_{device.type}{'_quick' * args.quick}.json"

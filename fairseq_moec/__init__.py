@@ -9,6 +9,7 @@ fairseq-train --bf16 runs on GPUs/CPUs, fairseq-hydra-train builds the moec_tran
 Trainer learns expert parallelism, checkpoints are copied atomically, unusable inputs are refused before training
 (input_checks.py) and the fairseq commands print bad flags and files as one line.
 """
+
 from . import patches
 
 patches.install()

@@ -16,6 +16,7 @@ Written to DIR:
 This module runs the checkpoint and is the command; the numbers are computed by fairseq_moec/analysis/metrics.py
 (plain tensors, checkable by hand), the pictures drawn by analysis/plots.py, the report written by analysis/report.py.
 """
+
 import argparse
 import json
 import os
@@ -55,13 +56,22 @@ def _first_n(dataset, n: int):
     return FirstN(dataset)
 
 
-def analyze(checkpoint: str, data_bin: str, split: str = "valid", max_sentences: int = 1000,
-            batch_size: int = 64, max_tokens: Optional[int] = 4000, top_tokens: int = 8,
-            cpu: bool = False, progress: bool = True) -> Dict:
+def analyze(
+    checkpoint: str,
+    data_bin: str,
+    split: str = "valid",
+    max_sentences: int = 1000,
+    batch_size: int = 64,
+    max_tokens: Optional[int] = 4000,
+    top_tokens: int = 8,
+    cpu: bool = False,
+    progress: bool = True,
+) -> Dict:
     """Run the checkpoint over the split and return the summary dict (see module docstring)."""
-    import fairseq_moec  # noqa: F401  (registers the plugin, safe checkpoint loading)
     from fairseq import checkpoint_utils, utils
     from tqdm import tqdm
+
+    import fairseq_moec  # noqa: F401  (registers the plugin, safe checkpoint loading)
 
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data_bin})
     model = models[0]
@@ -76,16 +86,23 @@ def analyze(checkpoint: str, data_bin: str, split: str = "valid", max_sentences:
     n = len(full) if not max_sentences or max_sentences <= 0 else min(max_sentences, len(full))
     dataset = _first_n(full, n)
     itr = task.get_batch_iterator(
-        dataset=dataset, max_tokens=max_tokens, max_sentences=batch_size,
+        dataset=dataset,
+        max_tokens=max_tokens,
+        max_sentences=batch_size,
         max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ignore_invalid_inputs=True, required_batch_size_multiple=1, seed=1, num_workers=0,
+        ignore_invalid_inputs=True,
+        required_batch_size_multiple=1,
+        seed=1,
+        num_workers=0,
     ).next_epoch_itr(shuffle=False)
 
     layers = model.moe_layers()
     dicts = {"encoder": task.source_dictionary, "decoder": task.target_dictionary}
     sides = {name: ("encoder" if name.startswith("enc") else "decoder") for name, _ in layers}
-    acc = {name: LayerRouting(layer.cfg.moe_expert_count, layer.cfg.moe_clusters, len(dicts[sides[name]]))
-           for name, layer in layers}
+    acc = {
+        name: LayerRouting(layer.cfg.moe_expert_count, layer.cfg.moe_clusters, len(dicts[sides[name]]))
+        for name, layer in layers
+    }
     padding_routed = {name: 0 for name, _ in layers}
     sentences = 0
     for _, layer in layers:
@@ -105,7 +122,9 @@ def analyze(checkpoint: str, data_bin: str, split: str = "valid", max_sentences:
                     if layer.last_routing is None:
                         continue
                     positions, experts, probs = layer.last_routing
-                    batch_tokens = net_input["src_tokens"] if sides[name] == "encoder" else net_input["prev_output_tokens"]
+                    batch_tokens = (
+                        net_input["src_tokens"] if sides[name] == "encoder" else net_input["prev_output_tokens"]
+                    )
                     tok = positions_to_tokens(positions, batch_tokens)
                     pad = dicts[sides[name]].pad()
                     keep = tok != pad  # the layers mask padding; this only guards the position -> token mapping
@@ -117,25 +136,41 @@ def analyze(checkpoint: str, data_bin: str, split: str = "valid", max_sentences:
             layer.last_routing = None
 
     summary = {
-        "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data_bin), "split": split,
-        "sentences": sentences, "skipped_sentences": n - sentences,
-        "top_k": layers[0][1].cfg.moe_top_k, "layers": {},
+        "checkpoint": os.path.abspath(checkpoint),
+        "data": os.path.abspath(data_bin),
+        "split": split,
+        "sentences": sentences,
+        "skipped_sentences": n - sentences,
+        "top_k": layers[0][1].cfg.moe_top_k,
+        "layers": {},
     }
     for name, layer in layers:
         d = dicts[sides[name]]
         s = acc[name].summary(top_tokens, exclude=[d.pad()])
-        s["top_tokens"] = [[{"token": d[v], "id": v, "count": c, "share": sh} for v, c, sh in toks]
-                           for toks in s["top_tokens"]]
-        summary["layers"][name] = {"side": sides[name], "top_k": layer.cfg.moe_top_k, **s,
-                                   "padding_routed": padding_routed[name]}
+        s["top_tokens"] = [
+            [{"token": d[v], "id": v, "count": c, "share": sh} for v, c, sh in toks] for toks in s["top_tokens"]
+        ]
+        summary["layers"][name] = {
+            "side": sides[name],
+            "top_k": layer.cfg.moe_top_k,
+            **s,
+            "padding_routed": padding_routed[name],
+        }
     return summary
 
 
 def write_outputs(summary: Dict, out: str) -> Dict[str, str]:
     os.makedirs(out, exist_ok=True)
-    paths = {k: os.path.join(out, f) for k, f in (
-        ("load_heatmap", "load_heatmap.png"), ("co_routing", "co_routing.png"), ("cluster_load", "cluster_load.png"),
-        ("summary", "summary.json"), ("report", "report.md"))}
+    paths = {
+        k: os.path.join(out, f)
+        for k, f in (
+            ("load_heatmap", "load_heatmap.png"),
+            ("co_routing", "co_routing.png"),
+            ("cluster_load", "cluster_load.png"),
+            ("summary", "summary.json"),
+            ("report", "report.md"),
+        )
+    }
     layers = summary["layers"]
     if any(s["tokens"] for s in layers.values()):
         plots.plot_load_heatmap(layers, paths["load_heatmap"])
@@ -148,14 +183,20 @@ def write_outputs(summary: Dict, out: str) -> Dict[str, str]:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fairseq_moec.analyze",
-                                description="Expert and cluster routing analysis of a trained MoEC checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="python -m fairseq_moec.analyze",
+        description="Expert and cluster routing analysis of a trained MoEC checkpoint.",
+    )
     p.add_argument("checkpoint", help="checkpoint file (e.g. checkpoints/checkpoint_best.pt)")
     p.add_argument("data_bin", help="fairseq-preprocess output directory the model was trained on")
     p.add_argument("--split", default="valid", help="split to analyse (default: valid)")
     p.add_argument("--out", required=True, help="output directory for the PNGs, summary.json and report.md")
-    p.add_argument("--max-sentences", type=int, default=1000,
-                   help="analyse the first N sentence pairs of the split; 0 = all (default: 1000)")
+    p.add_argument(
+        "--max-sentences",
+        type=int,
+        default=1000,
+        help="analyse the first N sentence pairs of the split; 0 = all (default: 1000)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: 64)")
     p.add_argument("--max-tokens", type=int, default=4000, help="tokens per batch (default: 4000)")
     p.add_argument("--top-tokens", type=int, default=8, help="most frequent tokens listed per expert (default: 8)")
@@ -166,14 +207,25 @@ def get_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_parser().parse_args(argv)
-    summary = analyze(args.checkpoint, args.data_bin, args.split, args.max_sentences, args.batch_size,
-                      args.max_tokens, args.top_tokens, args.cpu, not args.no_progress)
+    summary = analyze(
+        args.checkpoint,
+        args.data_bin,
+        args.split,
+        args.max_sentences,
+        args.batch_size,
+        args.max_tokens,
+        args.top_tokens,
+        args.cpu,
+        not args.no_progress,
+    )
     paths = write_outputs(summary, args.out)
     for name, s in summary["layers"].items():
-        print(f"{name}: {s['tokens']} tokens, load cv {s['load_cv']:.3f}, entropy {s['load_entropy']:.3f}/"
-              f"{s['load_entropy_max']:.3f}, co-routing {_fmt(s['co_routing_rate'])} "
-              f"(chance {_fmt(s['co_routing_chance'])}), cluster loads "
-              f"{' '.join(f'{x:.2f}' for x in s['cluster_loads'])}")
+        print(
+            f"{name}: {s['tokens']} tokens, load cv {s['load_cv']:.3f}, entropy {s['load_entropy']:.3f}/"
+            f"{s['load_entropy_max']:.3f}, co-routing {_fmt(s['co_routing_rate'])} "
+            f"(chance {_fmt(s['co_routing_chance'])}), cluster loads "
+            f"{' '.join(f'{x:.2f}' for x in s['cluster_loads'])}"
+        )
     print(f"wrote {', '.join(paths.values())}")
     return summary
 

@@ -17,6 +17,7 @@ What fairseq's Trainer does differently (gradient norm, per-process checkpoints)
 patches/expert_parallel_trainer.py. Everything here is a no-op for single-process runs and for
 ``--moe-expert-parallel off``.
 """
+
 from typing import Dict, Optional
 
 import torch
@@ -30,8 +31,12 @@ from .modules.config import ConfigError
 def expert_parallel_for(args) -> Optional[ExpertParallel]:
     """The expert-parallel placement of this process, or None (one process, or --moe-expert-parallel off).
     fairseq builds the model after it has set up torch.distributed, so the world is known here."""
-    if (getattr(args, "moe_expert_parallel", "auto") == "off" or not dist.is_available()
-            or not dist.is_initialized() or dist.get_world_size() == 1):
+    if (
+        getattr(args, "moe_expert_parallel", "auto") == "off"
+        or not dist.is_available()
+        or not dist.is_initialized()
+        or dist.get_world_size() == 1
+    ):
         return None
     W = dist.get_world_size()
     MoEConfig.from_namespace(args).validate_expert_parallel(W)
@@ -51,19 +56,27 @@ def _refuse_unsupported(args, W: int) -> None:
     if g("store_ema"):
         problems.append("--store-ema (the EMA copy would hold only this process's experts)")
     if g("eval_bleu"):
-        problems.append("--eval-bleu (beam search runs a different number of steps on each process, and "
-                        "every process must run every MoE layer equally often)")
+        problems.append(
+            "--eval-bleu (beam search runs a different number of steps on each process, and "
+            "every process must run every MoE layer equally often)"
+        )
     if (g("encoder_layerdrop", 0) or 0) > 0 or (g("decoder_layerdrop", 0) or 0) > 0:
         problems.append("--encoder-layerdrop/--decoder-layerdrop (processes would skip different MoE layers)")
     if (g("model_parallel_size", 1) or 1) > 1:
         problems.append("--model-parallel-size > 1")
-    if ((g("fp16") and not g("memory_efficient_fp16")) or (g("bf16") and not g("memory_efficient_bf16"))) \
-            and not g("fp16_no_flatten_grads"):
-        problems.append("--fp16/--bf16 with flattened gradients (add --fp16-no-flatten-grads, or use "
-                        "--memory-efficient-fp16/--memory-efficient-bf16)")
+    if ((g("fp16") and not g("memory_efficient_fp16")) or (g("bf16") and not g("memory_efficient_bf16"))) and not g(
+        "fp16_no_flatten_grads"
+    ):
+        problems.append(
+            "--fp16/--bf16 with flattened gradients (add --fp16-no-flatten-grads, or use "
+            "--memory-efficient-fp16/--memory-efficient-bf16)"
+        )
     if problems:
-        raise ConfigError(f"--moe-expert-parallel auto (on {W} processes) does not work with: "
-                         + "; ".join(problems) + ". Or use --moe-expert-parallel off (every expert on every process)")
+        raise ConfigError(
+            f"--moe-expert-parallel auto (on {W} processes) does not work with: "
+            + "; ".join(problems)
+            + ". Or use --moe-expert-parallel off (every expert on every process)"
+        )
 
 
 def expert_parameters(model: torch.nn.Module) -> Dict[str, tuple]:
@@ -99,7 +112,8 @@ def local_view(model: torch.nn.Module, state_dict: dict) -> dict:
             raise ConfigError(
                 f"--moe-expert-count: the checkpoint has {saved.shape[0]} experts in each MoE layer, this run "
                 f"{module.cfg.moe_expert_count}. Continue it with --moe-expert-count {saved.shape[0]}, or train the "
-                f"new model in another --save-dir")
+                f"new model in another --save-dir"
+            )
     out = None
     for key, (p, E, local) in expert_parameters(model).items():
         t = state_dict.get(key)
@@ -107,11 +121,12 @@ def local_view(model: torch.nn.Module, state_dict: dict) -> dict:
             continue
         if t.shape[0] == E:
             out = dict(state_dict) if out is None else out
-            out[key] = t[local.start:local.stop]
+            out[key] = t[local.start : local.stop]
             continue
         raise ConfigError(
             f"{key} holds {t.shape[0]} experts, but this model has {E} experts ({p.shape[0]} on this process): "
             f"the checkpoint is the main file of an expert-parallel checkpoint written by "
             f"{E // t.shape[0]} processes. Merge it with scripts/consolidate_checkpoint.py (for fairseq-generate "
-            f"or one process), or reshard it to this number of processes with --world-size")
+            f"or one process), or reshard it to this number of processes with --world-size"
+        )
     return state_dict if out is None else out

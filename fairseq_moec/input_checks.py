@@ -15,6 +15,7 @@
 fairseq calls them through three patches (patches/fresh_start.py, unreadable_checkpoint.py, empty_data.py).
 Errors are ConfigError: the commands print them as one line (patches/one_line_errors.py).
 """
+
 import glob
 import os
 from typing import List, Optional
@@ -52,8 +53,10 @@ def refuse_start_from_scratch(cfg, suffix: str = "") -> None:
     if cfg.restore_file != DEFAULT_RESTORE_FILE:
         path = cfg.restore_file.replace(".pt", suffix + ".pt")
         if not os.path.isfile(path):
-            raise ConfigError(f"--restore-file {cfg.restore_file}: no such file ({os.path.abspath(path)}); "
-                              f"fairseq would start from scratch")
+            raise ConfigError(
+                f"--restore-file {cfg.restore_file}: no such file ({os.path.abspath(path)}); "
+                f"fairseq would start from scratch"
+            )
         return
     if cfg.no_save:  # nothing will be overwritten
         return
@@ -63,23 +66,32 @@ def refuse_start_from_scratch(cfg, suffix: str = "") -> None:
         return
     names = ", ".join(os.path.basename(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
     newest = newest_intact_checkpoint(cfg.save_dir)
-    resume = (f"To continue from the newest, add --restore-file {newest} to this run only (later runs resume "
-              f"from the checkpoint_last.pt it writes), or copy it to {last}." if newest else
-              "None of them is an intact checkpoint (all are empty or expert shards).")
-    raise ConfigError(f"--save-dir {cfg.save_dir}: holds {len(found)} checkpoint file(s) ({names}) but no "
-                      f"{os.path.basename(last)}, so fairseq would start from scratch and overwrite them "
-                      f"(checkpoint_best.pt at the first validation). {resume} To start a new run, use "
-                      f"another --save-dir.")
+    resume = (
+        f"To continue from the newest, add --restore-file {newest} to this run only (later runs resume "
+        f"from the checkpoint_last.pt it writes), or copy it to {last}."
+        if newest
+        else "None of them is an intact checkpoint (all are empty or expert shards)."
+    )
+    raise ConfigError(
+        f"--save-dir {cfg.save_dir}: holds {len(found)} checkpoint file(s) ({names}) but no "
+        f"{os.path.basename(last)}, so fairseq would start from scratch and overwrite them "
+        f"(checkpoint_best.pt at the first validation). {resume} To start a new run, use "
+        f"another --save-dir."
+    )
 
 
 def unreadable_checkpoint(path: str, why: str) -> ConfigError:
     """The error for a checkpoint ``path`` that torch.load cannot read (``why``)."""
     newest = newest_intact_checkpoint(os.path.dirname(path) or ".", besides=path)
-    other = (f"the newest intact checkpoint next to it is {newest} (fairseq-train: --restore-file {newest}; "
-             f"fairseq-generate/-interactive: --path {newest})" if newest else
-             "there is no intact checkpoint next to it")
-    return ConfigError(f"{path}: {why}, not a readable checkpoint (a save cut short, e.g. by a full disk). "
-                       f"Delete it; {other}")
+    other = (
+        f"the newest intact checkpoint next to it is {newest} (fairseq-train: --restore-file {newest}; "
+        f"fairseq-generate/-interactive: --path {newest})"
+        if newest
+        else "there is no intact checkpoint next to it"
+    )
+    return ConfigError(
+        f"{path}: {why}, not a readable checkpoint (a save cut short, e.g. by a full disk). Delete it; {other}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -94,9 +106,11 @@ def refuse_empty_data(path: str, combine: bool = False) -> None:
             return
         if os.path.getsize(bin_file) == 0:
             split = os.path.basename(path).split(".")[0]
-            raise ConfigError(f"{bin_file}: empty data file (no sentences): the '{split}' split was binarized "
-                              f"from an empty text file. Re-run fairseq-preprocess with its data "
-                              f"(--trainpref/--validpref/--testpref), or use another data directory")
+            raise ConfigError(
+                f"{bin_file}: empty data file (no sentences): the '{split}' split was binarized "
+                f"from an empty text file. Re-run fairseq-preprocess with its data "
+                f"(--trainpref/--validpref/--testpref), or use another data directory"
+            )
         if not combine:
             return
         k += 1

@@ -15,6 +15,7 @@ therefore leaves, for the main file on disk, a matching shard of every process (
 Expert tensors keep their names; their first dimension indexes the experts a process holds (contiguous
 blocks: process r holds experts r*E/W .. (r+1)*E/W - 1), so merging is a concatenation in process order.
 """
+
 import glob
 import logging
 import os
@@ -97,8 +98,10 @@ def find_shard(main_path: str, rank: int, token: str) -> dict:
             continue
         if shard.get(META, {}).get("token") == token:
             if path != paired:
-                logger.warning(f"{paired} was not written by the save of {main_path} (interrupted save?): "
-                               f"using {path} and restoring it in place")
+                logger.warning(
+                    f"{paired} was not written by the save of {main_path} (interrupted save?): "
+                    f"using {path} and restoring it in place"
+                )
                 shard = load(path)
                 if path.endswith(".prev"):
                     os.replace(path, paired)
@@ -108,7 +111,8 @@ def find_shard(main_path: str, rank: int, token: str) -> dict:
     raise FileNotFoundError(
         f"no expert shard of process {rank} belongs to {main_path} (save token {token}); looked at: "
         f"{', '.join(looked) or 'nothing'}. Copy all of {os.path.basename(main_path)[:-3]}*-expert-rank*.pt "
-        f"along with the main file, or restart from another checkpoint with --restore-file")
+        f"along with the main file, or restart from another checkpoint with --restore-file"
+    )
 
 
 def merge(main: dict, shards: List[dict]) -> dict:
@@ -127,8 +131,10 @@ def merge(main: dict, shards: List[dict]) -> dict:
         state = dict(opt["state"])
         for i, name in enumerate(names):
             if name in local and i in state:
-                state[i] = {f: torch.cat([v] + [s["optimizer"][name][f] for s in shards])
-                            if _per_expert(v, local[name]) else v for f, v in state[i].items()}
+                state[i] = {
+                    f: torch.cat([v] + [s["optimizer"][name][f] for s in shards]) if _per_expert(v, local[name]) else v
+                    for f, v in state[i].items()
+                }
         out["last_optimizer_state"] = dict(opt, state=state)
     return out
 
@@ -139,13 +145,14 @@ def split(full: dict, meta: dict, world_size: int, token: str) -> List[dict]:
     keys, names = meta["expert_keys"], meta["optimizer_param_names"]
     for k in keys:
         if full["model"][k].shape[0] % world_size:
-            raise ValueError(f"{k} holds {full['model'][k].shape[0]} experts: cannot split them over "
-                             f"{world_size} processes")
+            raise ValueError(
+                f"{k} holds {full['model'][k].shape[0]} experts: cannot split them over {world_size} processes"
+            )
     total = {k: full["model"][k].shape[0] for k in keys}
 
     def block(t: torch.Tensor, E: int, r: int) -> torch.Tensor:
         n = E // world_size
-        return t[r * n:(r + 1) * n].clone()
+        return t[r * n : (r + 1) * n].clone()
 
     opt = full.get("last_optimizer_state")
     index = {name: i for i, name in enumerate(names)}
@@ -156,12 +163,18 @@ def split(full: dict, meta: dict, world_size: int, token: str) -> List[dict]:
         model = {k: block(full["model"][k], total[k], r) for k in keys}
         opt_r = None
         if opt is not None:
-            opt_r = {k: {f: block(v, total[k], r) if _per_expert(v, total[k]) else v
-                         for f, v in opt["state"][index[k]].items()}
-                     for k in keys if index.get(k) in opt["state"]}
+            opt_r = {
+                k: {
+                    f: block(v, total[k], r) if _per_expert(v, total[k]) else v
+                    for f, v in opt["state"][index[k]].items()
+                }
+                for k in keys
+                if index.get(k) in opt["state"]
+            }
         if r == 0:
-            main = dict(full, model=dict(full["model"], **model),
-                        extra_state=dict(full["extra_state"], **{META: rmeta}))
+            main = dict(
+                full, model=dict(full["model"], **model), extra_state=dict(full["extra_state"], **{META: rmeta})
+            )
             if opt is not None:
                 state = dict(opt["state"])
                 state.update({index[k]: v for k, v in opt_r.items()})
@@ -177,7 +190,19 @@ def _per_expert(value, num_experts: int) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_experts
 
 
-def expert_meta(expert_keys: List[str], optimizer_param_names: Optional[List[str]], token: str,
-                world_size: int, rank: int, num_updates: int) -> Dict:
-    return {"token": token, "world_size": world_size, "rank": rank, "num_updates": num_updates,
-            "expert_keys": list(expert_keys), "optimizer_param_names": list(optimizer_param_names or [])}
+def expert_meta(
+    expert_keys: List[str],
+    optimizer_param_names: Optional[List[str]],
+    token: str,
+    world_size: int,
+    rank: int,
+    num_updates: int,
+) -> Dict:
+    return {
+        "token": token,
+        "world_size": world_size,
+        "rank": rank,
+        "num_updates": num_updates,
+        "expert_keys": list(expert_keys),
+        "optimizer_param_names": list(optimizer_param_names or []),
+    }

@@ -14,6 +14,7 @@ and a run on W' processes can start from a checkpoint resharded for it (optimize
 (a W'-process run also starts directly from a merged file: each process takes its own experts). A
 checkpoint that was never sharded is accepted as input too. The files are written atomically.
 """
+
 import argparse
 import os
 import sys
@@ -45,20 +46,33 @@ def layout_of(full: dict) -> dict:
     # optimizer's parameter order is not recorded, so its state cannot be split (the run starts it afresh)
     keys = [k for k in full["model"] if ".moe.experts.fc" in k]
     if full.pop("last_optimizer_state", None) is not None:
-        print("note: this checkpoint does not record its optimizer's parameter order: the optimizer state is "
-              "left out (the resharded run starts a fresh optimizer)")
+        print(
+            "note: this checkpoint does not record its optimizer's parameter order: the optimizer state is "
+            "left out (the resharded run starts a fresh optimizer)"
+        )
     return {"expert_keys": keys, "optimizer_param_names": []}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="NAME.pt of an expert-parallel checkpoint (its NAME-expert-rank*.pt "
-                                           "files beside it), or a single-file checkpoint to reshard")
-    parser.add_argument("-o", "--output", required=True, help="file to write (with --world-size > 1: the main "
-                                                              "file; its -expert-rank*.pt files go beside it)")
-    parser.add_argument("--world-size", type=int, default=1,
-                        help="number of expert-parallel processes to write the checkpoint for (default 1: one "
-                             "file with every expert, for fairseq-generate)")
+    parser.add_argument(
+        "checkpoint",
+        help="NAME.pt of an expert-parallel checkpoint (its NAME-expert-rank*.pt "
+        "files beside it), or a single-file checkpoint to reshard",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="file to write (with --world-size > 1: the main file; its -expert-rank*.pt files go beside it)",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="number of expert-parallel processes to write the checkpoint for (default 1: one "
+        "file with every expert, for fairseq-generate)",
+    )
     args = parser.parse_args(argv)
     if not args.output.endswith(".pt"):
         parser.error("--output must end in .pt")

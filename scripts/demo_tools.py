@@ -27,6 +27,7 @@ bundled corpus has) and SHA256SUMS (sha256sum format, listing corpus files as de
 The corpus checks are the demo's own; the other steps run the shared pipeline library (fairseq_moec.pipeline), as
 scripts/study.py, benchmarks/bench_e2e.py and the tests do.
 """
+
 import argparse
 import hashlib
 import logging
@@ -55,8 +56,10 @@ DemoError = PipelineError
 # --- languages ---------------------------------------------------------------------------------------------------
 def check_lang_code(code, var):
     if not LANG_CODE.match(code or ""):
-        raise DemoError(f"{var}={code!r} is not usable as a language code: 1-20 letters, digits or '_', starting "
-                        f"with a letter (fairseq's file names join the two codes with '-'), e.g. de, fr, pt_BR")
+        raise DemoError(
+            f"{var}={code!r} is not usable as a language code: 1-20 letters, digits or '_', starting "
+            f"with a letter (fairseq's file names join the two codes with '-'), e.g. de, fr, pt_BR"
+        )
     if code == "ref":
         raise DemoError(f"{var}=ref: 'ref' names the corpus' id files (SPLIT.ref), not a language")
 
@@ -91,14 +94,19 @@ def corpus_sources(d, src, tgt):
 
     refs = {split: find(f"{split}.ref") for split in SPLITS}
     if any(refs.values()) and not all(refs.values()):
-        raise DemoError(f"corpus {d} has .ref files for some splits only (" + ", ".join(
-            f"{s}.ref {'present' if p else 'missing'}" for s, p in refs.items()) + "): give all three or none")
+        raise DemoError(
+            f"corpus {d} has .ref files for some splits only ("
+            + ", ".join(f"{s}.ref {'present' if p else 'missing'}" for s, p in refs.items())
+            + "): give all three or none"
+        )
     names = corpus_names(src, tgt, all(refs.values()))
     sources = {name: find(name) for name in names}
     missing = [name for name, path in sources.items() if path is None]
     if missing:
-        raise DemoError(f"corpus {d} lacks {', '.join(missing)} (want {{train,valid,test}}.{{{src},{tgt}}}, "
-                        f"each plain, .xz or .gz; DEMO_SRC={src} DEMO_TGT={tgt})")
+        raise DemoError(
+            f"corpus {d} lacks {', '.join(missing)} (want {{train,valid,test}}.{{{src},{tgt}}}, "
+            f"each plain, .xz or .gz; DEMO_SRC={src} DEMO_TGT={tgt})"
+        )
     return sources
 
 
@@ -138,8 +146,9 @@ def check_sha256sums(sums, candidates):
                 continue
             m = SHA256SUMS_LINE.match(line)
             if not m:
-                problems.append(f"{sums} line {n}: expected '<64 hex digits>  <file name>' (sha256sum format), "
-                                f"got {line[:80]!r}")
+                problems.append(
+                    f"{sums} line {n}: expected '<64 hex digits>  <file name>' (sha256sum format), got {line[:80]!r}"
+                )
                 continue
             want, name = m.group(1).lower(), m.group(2)
             if "/" in name or name in (".", ".."):
@@ -185,8 +194,10 @@ def check_corpus(d, sides=SIDES, origin=None, sums_dirs=None):
                 problems.append(f"{shown}: {len(empty)} empty line(s), first at line {empty[0]}")
             n_side[side] = n
         if len(set(n_side.values())) > 1:
-            problems.append(f"split {split!r} is misaligned: line counts "
-                            + ", ".join(f"{split}.{s}={n}" for s, n in n_side.items()))
+            problems.append(
+                f"split {split!r} is misaligned: line counts "
+                + ", ".join(f"{split}.{s}={n}" for s, n in n_side.items())
+            )
         elif n_side:
             counts[split] = next(iter(n_side.values()))
         if "ref" in n_side:
@@ -272,8 +283,9 @@ def positive_int(text):
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="demo_tools.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="demo_tools.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def langs(p, required=True, default_src=None, default_tgt=None):
@@ -314,8 +326,14 @@ def parser():
         p.add_argument(a)
     p.add_argument("--tgt-lang", default="", help="target language: chooses sacrebleu's BLEU tokenizer")
     p.add_argument("--tokenize", default=None, help="sacrebleu tokenizer for BLEU instead")
-    p.add_argument("--meta", type=meta_item, action="append", default=[], metavar="KEY=VALUE",
-                   help="an extra entry of the results JSON (repeatable)")
+    p.add_argument(
+        "--meta",
+        type=meta_item,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra entry of the results JSON (repeatable)",
+    )
     return ap
 
 

@@ -11,17 +11,18 @@ Splits: with --refs-from DIR (a directory with {train,valid,test}.ref or .ref.xz
 each split holds exactly the verses listed there, in that order (this reproduces the shipped corpus, including the
 verses it holds back); without it every kept verse is assigned by split_of(), a hash of its reference.
 """
+
 import argparse
-import lzma
 import hashlib
 import html
+import lzma
 import os
 import re
 import sys
 
 ES_MODULE, EN_MODULE = "spaRV1909eb", "engWEB2015eb"
-MAX_RATIO = 3.0                    # pairs whose word counts differ by more than this factor are dropped
-VALID_SLOTS, TEST_SLOTS = 33, 33   # out of 1000 hash slots, see split_of()
+MAX_RATIO = 3.0  # pairs whose word counts differ by more than this factor are dropped
+VALID_SLOTS, TEST_SLOTS = 33, 33  # out of 1000 hash slots, see split_of()
 
 _NOTE = re.compile(r"<note\b[^>]*/>|<note\b.*?</note>", re.S)
 _TITLE = re.compile(r"<title\b[^>]*/>|<title\b.*?</title>", re.S)
@@ -38,7 +39,7 @@ def clean(raw: str) -> str:
     "walk'</q> ?" -> "walk'?")."""
     m = _GLOSSARY.search(raw)
     if m:
-        raw = raw[:m.start()]
+        raw = raw[: m.start()]
     text = _TITLE.sub(" ", _NOTE.sub(" ", raw))
     text = _TAG.sub("", text)
     text = html.unescape(text)
@@ -85,18 +86,21 @@ def read_refs(d):
 
 def main(sword_dir: str, out_dir: str, refs_from=None) -> int:
     from pysword.modules import SwordModules
+
     modules = SwordModules(sword_dir)
     found = modules.parse_modules()
     for name in (ES_MODULE, EN_MODULE):
         if name not in found:
-            print(f"error: module {name} not found in {sword_dir} (found: {', '.join(found) or 'none'})", file=sys.stderr)
+            print(
+                f"error: module {name} not found in {sword_dir} (found: {', '.join(found) or 'none'})", file=sys.stderr
+            )
             return 1
     es = {ref: clean(raw) for ref, raw in verses(modules.get_bible_from_module(ES_MODULE))}
     en_bible = modules.get_bible_from_module(EN_MODULE)
     en = {ref: clean(raw) for ref, raw in verses(en_bible)}
 
     pairs, empty, ratio_dropped = [], 0, []
-    for ref, s in es.items():            # Spanish (KJV versification) order; WEB has more books (deuterocanon)
+    for ref, s in es.items():  # Spanish (KJV versification) order; WEB has more books (deuterocanon)
         t = en.get(ref)
         if t is None:
             continue
@@ -124,8 +128,12 @@ def main(sword_dir: str, out_dir: str, refs_from=None) -> int:
         split_pairs = [(split_of(p[0]), p) for p in pairs]
 
     os.makedirs(out_dir, exist_ok=True)
-    out = {split: {side: open(os.path.join(out_dir, f"{split}.{side}"), "w", encoding="utf-8")
-                   for side in ("es", "en", "ref")} for split in ("train", "valid", "test")}
+    out = {
+        split: {
+            side: open(os.path.join(out_dir, f"{split}.{side}"), "w", encoding="utf-8") for side in ("es", "en", "ref")
+        }
+        for split in ("train", "valid", "test")
+    }
     counts = {"train": 0, "valid": 0, "test": 0}
     for split, (ref, s, t) in split_pairs:
         counts[split] += 1
@@ -135,8 +143,10 @@ def main(sword_dir: str, out_dir: str, refs_from=None) -> int:
         for f in files.values():
             f.close()
     print(f"verses: {len(es)} Spanish, {len(en)} English, {sum(1 for r in es if r in en)} with the same reference")
-    print(f"dropped: {empty} pairs with an empty side, {len(ratio_dropped)} with word-count ratio > {MAX_RATIO:g}"
-          + (f" ({', '.join(ratio_dropped)})" if ratio_dropped else ""))
+    print(
+        f"dropped: {empty} pairs with an empty side, {len(ratio_dropped)} with word-count ratio > {MAX_RATIO:g}"
+        + (f" ({', '.join(ratio_dropped)})" if ratio_dropped else "")
+    )
     print(f"kept {len(pairs)} pairs; written: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

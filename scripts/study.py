@@ -16,6 +16,7 @@ translations of the best-valid checkpoint (hyp.txt, every one of the 966 lines, 
 score.json), the routing of the last checkpoint over training sentences (routing/summary.json), DONE (json).
 An evaluation-only entry (moec32-s1-keepmask) translates with the training-time cluster-dropout mask kept.
 """
+
 import argparse
 import dataclasses
 import json
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import study_report
+
 from fairseq_moec.pipeline import binarize, files, hypotheses, scores, small_model
 from fairseq_moec.pipeline.binarize import cli
 
@@ -39,6 +41,7 @@ SRC, TGT = "es", "en"
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One training run (or, with ``evaluate_of``, an evaluation of another run's checkpoint)."""
+
     name: str
     group: str  # runs of one group differ only in the seed
     experts: int = 0  # 0 = dense
@@ -64,12 +67,30 @@ def plan(seeds=(1, 2)):
             runs.append(Run(f"moec{e}-s{seed}", f"moec{e}", e, g, 0.5, (), seed))
         if seed == seeds[0]:
             s = seeds[0]
-            runs += [Run(f"moec32-lossonly-s{s}", "moec32-lossonly", 32, 4, 0.0, (), s),
-                     Run(f"moec32-droponly-s{s}", "moec32-droponly", 32, 4, 0.5, no_clusters, s),
-                     Run(f"moec32-official-s{s}", "moec32-official", 32, 4, 0.5,
-                         ("--moe-cluster-loss-norm", "official", "--moe-cluster-weight", "0.01"), s),
-                     Run(f"moec32-s{s}-keepmask", "moec32-keepmask", 32, 4, 0.5, (), s,
-                         evaluate_of=f"moec32-s{s}", inference_experts="training-mask")]
+            runs += [
+                Run(f"moec32-lossonly-s{s}", "moec32-lossonly", 32, 4, 0.0, (), s),
+                Run(f"moec32-droponly-s{s}", "moec32-droponly", 32, 4, 0.5, no_clusters, s),
+                Run(
+                    f"moec32-official-s{s}",
+                    "moec32-official",
+                    32,
+                    4,
+                    0.5,
+                    ("--moe-cluster-loss-norm", "official", "--moe-cluster-weight", "0.01"),
+                    s,
+                ),
+                Run(
+                    f"moec32-s{s}-keepmask",
+                    "moec32-keepmask",
+                    32,
+                    4,
+                    0.5,
+                    (),
+                    s,
+                    evaluate_of=f"moec32-s{s}",
+                    inference_experts="training-mask",
+                ),
+            ]
     return runs
 
 
@@ -86,26 +107,92 @@ def sh(cmd, **kw):
 
 
 def train_cmd(args, run, data_bin, rdir):
-    cmd = [cli("fairseq-train"), data_bin, "--user-dir", PLUGIN, "--source-lang", SRC, "--target-lang", TGT,
-           *small_model.size_args(), "--dropout", str(args.dropout),
-           "--label-smoothing", "0.1", "--optimizer", "torch_adam", "--adam-betas", "(0.9, 0.98)",
-           "--lr", str(args.lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
-           "--warmup-init-lr", "1e-07", "--max-tokens", str(args.max_tokens), "--max-update", str(args.updates),
-           "--seed", str(run.seed), "--num-workers", "0",
-           "--validate-interval-updates", str(args.valid_interval), "--validate-interval", "100000",
-           "--save-interval-updates", str(args.valid_interval), "--save-interval", "100000",
-           "--keep-interval-updates", "1", "--no-epoch-checkpoints", "--best-checkpoint-metric", "loss",
-           "--save-dir", rdir / "checkpoints", "--log-format", "json", "--log-interval", "25",
-           "--log-file", rdir / "train.log", "--no-progress-bar"]
+    cmd = [
+        cli("fairseq-train"),
+        data_bin,
+        "--user-dir",
+        PLUGIN,
+        "--source-lang",
+        SRC,
+        "--target-lang",
+        TGT,
+        *small_model.size_args(),
+        "--dropout",
+        str(args.dropout),
+        "--label-smoothing",
+        "0.1",
+        "--optimizer",
+        "torch_adam",
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--lr",
+        str(args.lr),
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        str(args.warmup),
+        "--warmup-init-lr",
+        "1e-07",
+        "--max-tokens",
+        str(args.max_tokens),
+        "--max-update",
+        str(args.updates),
+        "--seed",
+        str(run.seed),
+        "--num-workers",
+        "0",
+        "--validate-interval-updates",
+        str(args.valid_interval),
+        "--validate-interval",
+        "100000",
+        "--save-interval-updates",
+        str(args.valid_interval),
+        "--save-interval",
+        "100000",
+        "--keep-interval-updates",
+        "1",
+        "--no-epoch-checkpoints",
+        "--best-checkpoint-metric",
+        "loss",
+        "--save-dir",
+        rdir / "checkpoints",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "25",
+        "--log-file",
+        rdir / "train.log",
+        "--no-progress-bar",
+    ]
     cmd += ["--cpu"] if args.device == "cpu" else []
     if not run.experts:
         return cmd + ["--task", "translation", "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy"]
-    return cmd + ["--task", "translation_moec", "--arch", "moec_transformer",
-                  "--criterion", "moec_label_smoothed_cross_entropy",
-                  "--moe-encoder-layers", "1", "--moe-decoder-layers", "1", "--moe-expert-count", str(run.experts),
-                  "--moe-clusters", str(run.clusters), "--cluster-dropout", str(run.cluster_dropout),
-                  "--cluster-dropout-interval", str(args.dropout_interval),
-                  "--moe-seed", str(run.seed)] + list(run.cluster_args)  # seeds differ in dropout masks too
+    return (
+        cmd
+        + [
+            "--task",
+            "translation_moec",
+            "--arch",
+            "moec_transformer",
+            "--criterion",
+            "moec_label_smoothed_cross_entropy",
+            "--moe-encoder-layers",
+            "1",
+            "--moe-decoder-layers",
+            "1",
+            "--moe-expert-count",
+            str(run.experts),
+            "--moe-clusters",
+            str(run.clusters),
+            "--cluster-dropout",
+            str(run.cluster_dropout),
+            "--cluster-dropout-interval",
+            str(args.dropout_interval),
+            "--moe-seed",
+            str(run.seed),
+        ]
+        + list(run.cluster_args)
+    )  # seeds differ in dropout masks too
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -169,12 +256,35 @@ def do_run(args, run, data):
     if run.experts:  # expert shares of the final model over training sentences: sparse allocation
         out = rdir / "routing"
         if not (out / "summary.json").exists():
-            sh([sys.executable, "-m", "fairseq_moec.analyze", ckpts / "checkpoint_last.pt", data / "bin",
-                "--split", "train", "--max-sentences", "2000", "--out", out, "--no-progress"]
-               + (["--cpu"] if args.device == "cpu" else []), stdout=subprocess.DEVNULL)
+            sh(
+                [
+                    sys.executable,
+                    "-m",
+                    "fairseq_moec.analyze",
+                    ckpts / "checkpoint_last.pt",
+                    data / "bin",
+                    "--split",
+                    "train",
+                    "--max-sentences",
+                    "2000",
+                    "--out",
+                    out,
+                    "--no-progress",
+                ]
+                + (["--cpu"] if args.device == "cpu" else []),
+                stdout=subprocess.DEVNULL,
+            )
         routing = study_report.allocation(json.loads((out / "summary.json").read_text()))
-    files.write_json_atomic(rdir / "DONE", {"run": dataclasses.asdict(run), "score": score, "routing": routing,
-                               "train_wall_s_last_session": round(train_s), "finished": now()})
+    files.write_json_atomic(
+        rdir / "DONE",
+        {
+            "run": dataclasses.asdict(run),
+            "score": score,
+            "routing": routing,
+            "train_wall_s_last_session": round(train_s),
+            "finished": now(),
+        },
+    )
     log(f"{run.name}: BLEU {score['bleu']} chrF {score['chrf']}")
 
 
@@ -183,20 +293,55 @@ def evaluate(args, run, data, ckpt, rdir):
     if (rdir / "score.json").exists():
         return json.loads((rdir / "score.json").read_text())
     gen = rdir / "generate.txt"
-    task = ["--task", "translation"] if not run.experts else ["--task", "translation_moec",
-                                                              "--inference-experts", run.inference_experts]
+    task = (
+        ["--task", "translation"]
+        if not run.experts
+        else ["--task", "translation_moec", "--inference-experts", run.inference_experts]
+    )
     with open(f"{gen}.tmp", "w", encoding="utf-8") as f:
-        sh([cli("fairseq-generate"), data / "bin", "--user-dir", PLUGIN, "--source-lang", SRC, "--target-lang", TGT,
-            "--gen-subset", "test", "--path", ckpt, "--beam", "4", "--batch-size", "128",
-            "--required-batch-size-multiple", "1", "--max-len-a", "1.5", "--max-len-b", "10", "--num-workers", "0"]
-           + task + (["--cpu"] if args.device == "cpu" else []), stdout=f)
+        sh(
+            [
+                cli("fairseq-generate"),
+                data / "bin",
+                "--user-dir",
+                PLUGIN,
+                "--source-lang",
+                SRC,
+                "--target-lang",
+                TGT,
+                "--gen-subset",
+                "test",
+                "--path",
+                ckpt,
+                "--beam",
+                "4",
+                "--batch-size",
+                "128",
+                "--required-batch-size-multiple",
+                "1",
+                "--max-len-a",
+                "1.5",
+                "--max-len-b",
+                "10",
+                "--num-workers",
+                "0",
+            ]
+            + task
+            + (["--cpu"] if args.device == "cpu" else []),
+            stdout=f,
+        )
     os.replace(f"{gen}.tmp", gen)
     ref = data / "raw" / f"test.{TGT}"
     n = len(files.read_lines(ref))
     hypotheses.collect(gen, data / "spm" / "spm.model", n, rdir / "hyp.txt")
-    return scores.score_files(rdir / "hyp.txt", ref, rdir / "score.txt", rdir / "score.json",
-                              meta={"checkpoint": str(ckpt.name)}, tgt_lang=TGT)[0]
-
+    return scores.score_files(
+        rdir / "hyp.txt",
+        ref,
+        rdir / "score.txt",
+        rdir / "score.json",
+        meta={"checkpoint": str(ckpt.name)},
+        tgt_lang=TGT,
+    )[0]
 
 
 def now():
@@ -221,10 +366,12 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--list", action="store_true", help="print the plan and each run's state, then stop")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--export", default="", help="also copy the finished runs' small outputs here (docs/study-v2)")
     p.add_argument("--plot-dir", default=str(ROOT / "docs" / "img"))
     args = p.parse_args(argv)
     if args.device is None:
         import torch
+
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.seeds = tuple(int(s) for s in args.seeds.split(","))
     names = {r.name for r in plan(args.seeds)}
@@ -247,6 +394,9 @@ def main(argv=None):
         for run in runs:
             do_run(args, run, data)
     study_report.write(Path(args.out), plan(args.seeds), args.updates, Path(args.plot_dir))
+    if args.export:
+        copied = study_report.export(Path(args.out), plan(args.seeds), Path(args.export))
+        log(f"exported {len(copied)} files to {args.export}")
     return 0
 
 

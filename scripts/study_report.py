@@ -1,8 +1,10 @@
 """The report of scripts/study.py: fairseq json logs -> per-run numbers, the tables of results.md, sacrebleu's paired
 bootstrap tests, and the plots. Only finished runs (a DONE stamp) get numbers; the others are listed with their
 state."""
+
 import hashlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,8 +44,14 @@ def allocation(summary):
         share, E = layer["load"], layer["num_experts"]
         mean = sum(share) / E
         cv = statistics.pstdev(share) / mean if mean else float("nan")
-        out[name] = {"share": [round(x, 4) for x in share], "min": min(share), "max": max(share), "cv": cv,
-                     "below_half_even": sum(x < 1 / (2 * E) for x in share), "experts": E}
+        out[name] = {
+            "share": [round(x, 4) for x in share],
+            "min": min(share),
+            "max": max(share),
+            "cv": cv,
+            "below_half_even": sum(x < 1 / (2 * E) for x in share),
+            "experts": E,
+        }
     return out
 
 
@@ -52,9 +60,13 @@ def code_state(root):
     h = hashlib.sha1()
     for p in sorted((Path(root) / "fairseq_moec").rglob("*.py")):
         h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
-    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git_head": machine.git_commit(root) or "",
-            "plugin_dirty": bool(machine.git_changes(root, "fairseq_moec")), "plugin_sha1": h.hexdigest()[:12],
-            "loadavg": machine.loadavg()}
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "git_head": machine.git_commit(root) or "",
+        "plugin_dirty": bool(machine.git_changes(root, "fairseq_moec")),
+        "plugin_sha1": h.hexdigest()[:12],
+        "loadavg": machine.loadavg(),
+    }
 
 
 def state(rdir, updates):
@@ -71,9 +83,39 @@ def _f(v, fmt="{:.3f}"):
 
 def paired_bootstrap(ref, baseline, systems, n=1000):
     """sacrebleu's paired bootstrap resampling of SYSTEMS against BASELINE (BLEU and chrF): its JSON output."""
-    cmd = [str(Path(sys.executable).parent / "sacrebleu"), str(ref), "-i", str(baseline), *map(str, systems),
-           "-m", "bleu", "chrf", "--paired-bs", "--paired-bs-n", str(n), "--no-color"]
+    cmd = [
+        str(Path(sys.executable).parent / "sacrebleu"),
+        str(ref),
+        "-i",
+        str(baseline),
+        *map(str, systems),
+        "-m",
+        "bleu",
+        "chrf",
+        "--paired-bs",
+        "--paired-bs-n",
+        str(n),
+        "--no-color",
+    ]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+# What a finished run keeps in the repository (docs/study-v2/): enough to rebuild the report, no checkpoints
+EXPORTED = ("DONE", "command.json", "code_state.jsonl", "train.log", "hyp.txt", "score.json", "routing/summary.json")
+
+
+def export(out, runs, dest):
+    """Copy the small outputs of every finished run, and the test references, from OUT to DEST, so that
+    `study.py --out DEST --report-only` rebuilds the report from the repository. Written atomically per file."""
+    copied = []
+    for path in [Path("data") / "DONE", Path("data") / "raw" / "test.en"] + [
+        Path("runs") / r.name / f for r in runs if (out / "runs" / r.name / "DONE").exists() for f in EXPORTED
+    ]:
+        if (out / path).exists():
+            with files.atomic_path(dest / path) as tmp:
+                shutil.copyfile(out / path, tmp)
+            copied.append(str(path))
+    return copied
 
 
 def write(out, runs, updates, plot_dir):
@@ -85,48 +127,73 @@ def write(out, runs, updates, plot_dir):
         if stamp:
             done[run.name] = (run, stamp, s)
         rows.append((run, stamp, s))
-    lines = [f"Every run: {updates} updates; BLEU/chrF of the best-valid checkpoint on all test lines "
-             f"(all experts unless stated); valid loss in bits (label-smoothed CE); gap = final valid - train loss "
-             f"over the last validation interval; allocation of the final model over 2,000 training sentences "
-             f"(per MoE layer: min / max token share, CV, experts below 1/(2E)).", "",
-             "| run | state | BLEU | chrF | best valid (update) | final valid | gap | allocation enc / dec |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Every run: {updates} updates; BLEU/chrF of the best-valid checkpoint on all test lines "
+        f"(all experts unless stated); valid loss in bits (label-smoothed CE); gap = final valid - train loss "
+        f"over the last validation interval; allocation of the final model over 2,000 training sentences "
+        f"(per MoE layer: min / max token share, CV, experts below 1/(2E)).",
+        "",
+        "| run | state | BLEU | chrF | best valid (update) | final valid | gap | allocation enc / dec |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run, stamp, s in rows:
         if not stamp:
             lines.append(f"| {run.name} | {state(out / 'runs' / run.name, updates)} | – | – | – | – | – | – |")
             continue
         sc, alloc = stamp["score"], stamp.get("routing") or {}
-        cells = "; ".join(f"{a['min']:.3f}/{a['max']:.3f}, CV {a['cv']:.2f}, {a['below_half_even']}"
-                          for a in alloc.values()) or ("as trained" if run.evaluate_of else "dense")
-        lines.append(f"| {run.name} | done | {sc['bleu']:.2f} | {sc['chrf']:.2f} | "
-                     f"{_f(s.get('best_valid'))} ({s.get('best_update', '–')}) | {_f(s.get('final_valid'))} | "
-                     f"{_f(s.get('gap'), '{:+.3f}')} | {cells} |")
+        cells = "; ".join(
+            f"{a['min']:.3f}/{a['max']:.3f}, CV {a['cv']:.2f}, {a['below_half_even']}" for a in alloc.values()
+        ) or ("as trained" if run.evaluate_of else "dense")
+        lines.append(
+            f"| {run.name} | done | {sc['bleu']:.2f} | {sc['chrf']:.2f} | "
+            f"{_f(s.get('best_valid'))} ({s.get('best_update', '–')}) | {_f(s.get('final_valid'))} | "
+            f"{_f(s.get('gap'), '{:+.3f}')} | {cells} |"
+        )
     sigs = {(d[1]["score"]["bleu_signature"], d[1]["score"]["chrf_signature"]) for d in done.values()}
     lines += ["", *(f"sacrebleu: BLEU `{b}`, chrF `{c}`" for b, c in sorted(sigs))]
-    lines += ["", "Mean over finished seeds:", "", "| group | seeds | BLEU | chrF | best valid | final valid | gap |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Mean over finished seeds:",
+        "",
+        "| group | seeds | BLEU | chrF | best valid | final valid | gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
     groups = {}
     for run, stamp, s in done.values():
         groups.setdefault(run.group, []).append((stamp, s))
     means = {}
     for g, items in groups.items():
-        m = {k: statistics.mean(v) if v else None for k, v in {
-            "bleu": [st["score"]["bleu"] for st, _ in items], "chrf": [st["score"]["chrf"] for st, _ in items],
-            "best_valid": [s["best_valid"] for _, s in items if "best_valid" in s],
-            "final_valid": [s["final_valid"] for _, s in items if "final_valid" in s],
-            "gap": [s["gap"] for _, s in items if "gap" in s]}.items()}
+        m = {
+            k: statistics.mean(v) if v else None
+            for k, v in {
+                "bleu": [st["score"]["bleu"] for st, _ in items],
+                "chrf": [st["score"]["chrf"] for st, _ in items],
+                "best_valid": [s["best_valid"] for _, s in items if "best_valid" in s],
+                "final_valid": [s["final_valid"] for _, s in items if "final_valid" in s],
+                "gap": [s["gap"] for _, s in items if "gap" in s],
+            }.items()
+        }
         means[g] = m
-        lines.append(f"| {g} | {len(items)} | {m['bleu']:.2f} | {m['chrf']:.2f} | {_f(m['best_valid'])} | "
-                     f"{_f(m['final_valid'])} | {_f(m['gap'], '{:+.3f}')} |")
-    lines += ["", "Paired bootstrap resampling (sacrebleu --paired-bs, 1000 resamples; p: that the difference is "
-              "chance):", "", "| baseline | system | BLEU base / sys | p | chrF base / sys | p |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {g} | {len(items)} | {m['bleu']:.2f} | {m['chrf']:.2f} | {_f(m['best_valid'])} | "
+            f"{_f(m['final_valid'])} | {_f(m['gap'], '{:+.3f}')} |"
+        )
+    lines += [
+        "",
+        "Paired bootstrap resampling (sacrebleu --paired-bs, 1000 resamples; p: that the difference is chance):",
+        "",
+        "| baseline | system | BLEU base / sys | p | chrF base / sys | p |",
+        "|---|---|---|---|---|---|",
+    ]
     ref = out / "data" / "raw" / "test.en"
     for base, other in pairs(done):
         res = paired_bootstrap(ref, out / "runs" / base / "hyp.txt", [out / "runs" / other / "hyp.txt"])
         b, o = res[0], res[1]
-        lines.append(f"| {base} | {other} | {b['BLEU']['score']:.2f} / {o['BLEU']['score']:.2f} | "
-                     f"{o['BLEU']['p_value']:.4f} | {b['chrF2']['score']:.2f} / {o['chrF2']['score']:.2f} | "
-                     f"{o['chrF2']['p_value']:.4f} |")
+        lines.append(
+            f"| {base} | {other} | {b['BLEU']['score']:.2f} / {o['BLEU']['score']:.2f} | "
+            f"{o['BLEU']['p_value']:.4f} | {b['chrF2']['score']:.2f} / {o['chrF2']['score']:.2f} | "
+            f"{o['chrF2']['p_value']:.4f} |"
+        )
     text = "\n".join(lines) + "\n"
     files.write_text_atomic(out / "results.md", text)
     files.write_json_atomic(out / "results.json", {n: {"stamp": st, "summary": s} for n, (_, st, s) in done.items()})
@@ -152,24 +219,34 @@ def pairs(done):
 
 def plot(rows, means, plot_dir):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {}
     for run, stamp, s in rows:
         if run.evaluate_of or not s["curve"]:
             continue
         color = colors.setdefault(run.group, f"C{len(colors)}")
-        ax.plot(*zip(*s["curve"]), color=color, linestyle="-" if run.seed == 1 else "--", marker=".",
-                label=run.name + ("" if stamp else " (unfinished)"))
+        ax.plot(
+            *zip(*s["curve"]),
+            color=color,
+            linestyle="-" if run.seed == 1 else "--",
+            marker=".",
+            label=run.name + ("" if stamp else " (unfinished)"),
+        )
     ax.set(xlabel="update", ylabel="valid loss (bits, label-smoothed CE)", title="Valid loss, 8k-pair Bible es-en")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     _save(fig, plt, Path(plot_dir) / "study_v2_valid_loss.png")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for kind, color in (("moe", "C1"), ("moec", "C2")):
-        pts = sorted((int(g[len(kind):]), m["bleu"]) for g, m in means.items()
-                     if g.startswith(kind) and g[len(kind):].isdigit())
+        pts = sorted(
+            (int(g[len(kind) :]), m["bleu"])
+            for g, m in means.items()
+            if g.startswith(kind) and g[len(kind) :].isdigit()
+        )
         if pts:
             ax.plot(*zip(*pts), marker="o", color=color, label=kind.upper() + " (mean over seeds)")
     if "dense" in means:

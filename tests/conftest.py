@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny real-text corpus, its sentencepiece model and fairseq binarized data."""
+
 import os
 import subprocess
 import sys
@@ -29,18 +30,63 @@ def tiny_corpus(tmp_path_factory):
     """(raw_dir, spm_model, data_bin): the tiny corpus encoded with a 500-piece joint sentencepiece model and
     binarized with fairseq-preprocess (joined dictionary), es -> en; the encoded text is in data_bin/../tok/."""
     work = tmp_path_factory.mktemp("tiny_corpus")
-    data_bin = binarize.encode_and_binarize(work, "es", "en", 500, threads=1, workers=1, runner=run, raw=FIXTURE,
-                                            spm_options=dict(bos_id=-1, eos_id=-1, log_level=2))
+    data_bin = binarize.encode_and_binarize(
+        work,
+        "es",
+        "en",
+        500,
+        threads=1,
+        workers=1,
+        runner=run,
+        raw=FIXTURE,
+        spm_options=dict(bos_id=-1, eos_id=-1, log_level=2),
+    )
     return FIXTURE, work / "spm" / "spm.model", data_bin
 
 
 TINY_MOEC_ARGS = [
-    "--user-dir", PLUGIN, "--task", "translation_moec", "--arch", "moec_transformer_tiny",
-    "--criterion", "moec_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--share-all-embeddings",
-    "--moe-expert-count", "4", "--moe-clusters", "2", "--cluster-dropout", "0.5", "--cluster-dropout-interval", "2",
-    "--optimizer", "torch_adam", "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
-    "--warmup-updates", "4", "--max-tokens", "1500", "--cpu", "--seed", "3", "--num-workers", "0",
-    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--no-epoch-checkpoints",
+    "--user-dir",
+    PLUGIN,
+    "--task",
+    "translation_moec",
+    "--arch",
+    "moec_transformer_tiny",
+    "--criterion",
+    "moec_label_smoothed_cross_entropy",
+    "--label-smoothing",
+    "0.1",
+    "--share-all-embeddings",
+    "--moe-expert-count",
+    "4",
+    "--moe-clusters",
+    "2",
+    "--cluster-dropout",
+    "0.5",
+    "--cluster-dropout-interval",
+    "2",
+    "--optimizer",
+    "torch_adam",
+    "--adam-betas",
+    "(0.9, 0.98)",
+    "--lr",
+    "2e-3",
+    "--lr-scheduler",
+    "inverse_sqrt",
+    "--warmup-updates",
+    "4",
+    "--max-tokens",
+    "1500",
+    "--cpu",
+    "--seed",
+    "3",
+    "--num-workers",
+    "0",
+    "--log-format",
+    "json",
+    "--log-interval",
+    "1",
+    "--no-progress-bar",
+    "--no-epoch-checkpoints",
 ]
 
 
@@ -51,8 +97,19 @@ def tiny_moec_checkpoint(tiny_corpus, tmp_path_factory):
     (see ``tiny_moec_tensorboard``)."""
     _, _, data_bin = tiny_corpus
     save_dir = tmp_path_factory.mktemp("tiny_moec_ckpt")
-    run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, "--max-update", "4", "--save-dir", save_dir,
-         "--tensorboard-logdir", save_dir / "tensorboard"])
+    run(
+        [
+            cli("fairseq-train"),
+            data_bin,
+            *TINY_MOEC_ARGS,
+            "--max-update",
+            "4",
+            "--save-dir",
+            save_dir,
+            "--tensorboard-logdir",
+            save_dir / "tensorboard",
+        ]
+    )
     return save_dir / "checkpoint_last.pt", data_bin
 
 

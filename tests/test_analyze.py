@@ -1,4 +1,5 @@
 """Routing analysis: the metric functions against hand computations, and the command on a tiny trained model."""
+
 import json
 import math
 import statistics
@@ -6,19 +7,21 @@ import sys
 
 import pytest
 import torch
+from conftest import run
 
-from conftest import ROOT, run
 from fairseq_moec.analysis import metrics as A
 
 # A fixed routing: T = 6 tokens, E = 4 experts in G = 2 clusters (C0 = {0, 1}, C1 = {2, 3}, m = 2).
-PROBS = torch.tensor([
-    [0.50, 0.30, 0.10, 0.10],  # top-2 = (0, 1): C0, C0  same cluster
-    [0.10, 0.60, 0.20, 0.10],  # top-2 = (1, 2): C0, C1  different
-    [0.10, 0.10, 0.20, 0.60],  # top-2 = (3, 2): C1, C1  same
-    [0.20, 0.10, 0.40, 0.30],  # top-2 = (2, 3): C1, C1  same
-    [0.45, 0.05, 0.10, 0.40],  # top-2 = (0, 3): C0, C1  different
-    [0.70, 0.20, 0.05, 0.05],  # top-2 = (0, 1): C0, C0  same
-])
+PROBS = torch.tensor(
+    [
+        [0.50, 0.30, 0.10, 0.10],  # top-2 = (0, 1): C0, C0  same cluster
+        [0.10, 0.60, 0.20, 0.10],  # top-2 = (1, 2): C0, C1  different
+        [0.10, 0.10, 0.20, 0.60],  # top-2 = (3, 2): C1, C1  same
+        [0.20, 0.10, 0.40, 0.30],  # top-2 = (2, 3): C1, C1  same
+        [0.45, 0.05, 0.10, 0.40],  # top-2 = (0, 3): C0, C1  different
+        [0.70, 0.20, 0.05, 0.05],  # top-2 = (0, 1): C0, C0  same
+    ]
+)
 EXPERTS = torch.tensor([[0], [1], [3], [2], [0], [0]])  # the top-1 choices, read off PROBS by hand
 TOKENS = torch.tensor([5, 7, 5, 9, 7, 5])  # token ids of the 6 routed tokens (vocabulary of 10)
 
@@ -41,6 +44,7 @@ def test_load_counts_fractions_cv_entropy_by_hand():
 def test_training_statistics_on_the_fixed_routing_by_hand():
     # the training logs' load_cv and load_entropy of the same routing: load [3, 1, 1, 1] as above
     from fairseq_moec.modules import losses
+
     cv, entropy = losses.load_statistics(losses.expert_counts(EXPERTS, 4))
     assert float(cv) == pytest.approx(1 / math.sqrt(3), rel=1e-6)
     assert float(entropy) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(6), rel=1e-6)
@@ -120,21 +124,55 @@ def test_accumulating_over_batches_equals_one_batch():
     assert a["effective_experts"] == pytest.approx(math.sqrt(12))  # exp(0.5 ln 2 + 0.5 ln 6) = sqrt(12) = 3.46
 
 
-SUMMARY_LAYER_KEYS = {"side", "tokens", "num_experts", "num_clusters", "cluster_size", "load", "load_counts",
-                      "load_cv", "load_entropy", "load_entropy_max", "effective_experts", "co_routing_rate",
-                      "co_routing_chance", "cluster_loads", "routing_mass", "intra_var", "inter_var", "top_tokens",
-                      "padding_routed"}
+SUMMARY_LAYER_KEYS = {
+    "side",
+    "tokens",
+    "num_experts",
+    "num_clusters",
+    "cluster_size",
+    "load",
+    "load_counts",
+    "load_cv",
+    "load_entropy",
+    "load_entropy_max",
+    "effective_experts",
+    "co_routing_rate",
+    "co_routing_chance",
+    "cluster_loads",
+    "routing_mass",
+    "intra_var",
+    "inter_var",
+    "top_tokens",
+    "padding_routed",
+}
 
 
 @pytest.mark.slow  # fairseq-train and the analysis command
 def test_analysis_command_on_tiny_model(tiny_moec_checkpoint, tmp_path):
-    from PIL import Image
     from fairseq.data.indexed_dataset import MMapIndexedDataset
+    from PIL import Image
 
     ckpt, data_bin = tiny_moec_checkpoint
     out = tmp_path / "analysis"
-    proc = run([sys.executable, "-m", "fairseq_moec.analyze", ckpt, data_bin, "--split", "valid",
-                "--out", out, "--max-sentences", "50", "--batch-size", "16", "--cpu"], cwd=tmp_path)
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "fairseq_moec.analyze",
+            ckpt,
+            data_bin,
+            "--split",
+            "valid",
+            "--out",
+            out,
+            "--max-sentences",
+            "50",
+            "--batch-size",
+            "16",
+            "--cpu",
+        ],
+        cwd=tmp_path,
+    )
     assert "enc1:" in proc.stdout and "dec1:" in proc.stdout
 
     for name in ("load_heatmap.png", "co_routing.png", "cluster_load.png"):

@@ -1,13 +1,14 @@
 """A checkpoint loaded by a model of another --moe-expert-count is refused with what is true: the checkpoint's
 expert count and the flag's (not a claim about expert-parallel processes); a real expert-parallel main file
 still gets the consolidation advice."""
+
 import shutil
 
 import pytest
-
 from conftest import TINY_MOEC_ARGS, cli, run
-from fairseq_moec.modules.config import ConfigError
 from test_model import build
+
+from fairseq_moec.modules.config import ConfigError
 
 
 def model_with(experts: int):
@@ -27,7 +28,8 @@ def test_another_expert_count_names_both_counts(saved, asked):
         model_with(asked).load_state_dict(state)
     assert str(error.value).startswith(
         f"--moe-expert-count: the checkpoint has {saved} experts in each MoE layer, this run {asked}. "
-        f"Continue it with --moe-expert-count {saved}")
+        f"Continue it with --moe-expert-count {saved}"
+    )
     assert "processes" not in str(error.value)
 
 
@@ -40,8 +42,11 @@ def test_a_sharded_checkpoint_of_another_expert_count_names_both_counts():
 
 def test_a_sharded_checkpoint_of_the_same_expert_count_points_to_consolidation():
     shard = main_file_of_two_processes(model_with(4).state_dict())
-    with pytest.raises(ConfigError, match=r"holds 2 experts, but this model has 4 experts .* written by 2 processes"
-                                          r"\. Merge it with scripts/consolidate_checkpoint\.py"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds 2 experts, but this model has 4 experts .* written by 2 processes"
+        r"\. Merge it with scripts/consolidate_checkpoint\.py",
+    ):
         model_with(4).load_state_dict(shard)
 
 

@@ -1,4 +1,5 @@
 """fairseq checkpoints load under torch's weights_only unpickler; other pickled globals are refused."""
+
 import argparse
 import os
 import pickle
@@ -30,8 +31,14 @@ def test_real_training_checkpoint_loads_with_weights_only(tiny_moec_checkpoint):
 
 def test_old_style_namespace_and_numpy_state_load(tmp_path):
     path = tmp_path / "old.pt"
-    torch.save({"args": argparse.Namespace(arch="moec_transformer", lr=[1e-3]), "model": {},
-                "extra_state": {"val_loss": np.float64(3.5), "best": np.float32(2.0)}}, path)
+    torch.save(
+        {
+            "args": argparse.Namespace(arch="moec_transformer", lr=[1e-3]),
+            "model": {},
+            "extra_state": {"val_loss": np.float64(3.5), "best": np.float32(2.0)},
+        },
+        path,
+    )
     state = torch.load(path, weights_only=True)
     assert state["args"].arch == "moec_transformer" and float(state["extra_state"]["val_loss"]) == 3.5
 

@@ -1,4 +1,5 @@
 """Cluster-level expert dropout invariants."""
+
 import torch
 
 from fairseq_moec.modules import ClusterDropout, MoEConfig, MoELayer
@@ -30,7 +31,7 @@ def test_resampled_on_update_boundaries_only():
         d.set_num_updates(update)
         masks.append(d.survivors.clone())
     for period in range(4):
-        block = masks[5 * period: 5 * period + 5]
+        block = masks[5 * period : 5 * period + 5]
         assert all(torch.equal(m, block[0]) for m in block)
     assert len({tuple(m.tolist()) for m in masks[::5]}) > 1
     # the schedule counts updates, not forward calls

@@ -1,5 +1,6 @@
 """The cluster loss's scale: under the default 'relative' norm one --moe-cluster-weight means the same at every
 number of experts E and every batch size T; the 'official' norm grows with T^2, by the stated conversion."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Invalid option values and combinations fail with a message naming the flag."""
+
 import math
 from fractions import Fraction
 
@@ -55,8 +56,9 @@ def test_clusters_error_lists_allowed_values():
 
 
 def test_valid_config_passes():
-    cfg = MoEConfig(moe_expert_count=64, moe_clusters=8, cluster_dropout=0.5, moe_top_k=2,
-                    moe_capacity_factor=1.25).validate()
+    cfg = MoEConfig(
+        moe_expert_count=64, moe_clusters=8, cluster_dropout=0.5, moe_top_k=2, moe_capacity_factor=1.25
+    ).validate()
     assert (cfg.cluster_size, cfg.dropped_per_cluster) == (8, 4)
 
 
@@ -97,13 +99,17 @@ def test_silent_dropout_names_the_smallest_rate_that_drops_one(m):
 
 
 def test_huge_numbers_that_are_valid_pass():
-    MoEConfig(moe_seed=2**64 - 1, moe_capacity_factor=1e6, cluster_dropout=0.5, moe_expert_count=8,
-              moe_clusters=2).validate()
+    MoEConfig(
+        moe_seed=2**64 - 1, moe_capacity_factor=1e6, cluster_dropout=0.5, moe_expert_count=8, moe_clusters=2
+    ).validate()
 
 
 @pytest.mark.parametrize("rate", [0.3, 0.5, 0.9])
 def test_clusters_of_one_expert_cannot_use_dropout(rate):
     """No rate works there (0.5 would empty the cluster): the message must not suggest one."""
-    with pytest.raises(ConfigError, match=r"--cluster-dropout: clusters of 1 expert .* cannot drop an expert and "
-                                          r"keep one: use --cluster-dropout 0, or fewer --moe-clusters"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--cluster-dropout: clusters of 1 expert .* cannot drop an expert and "
+        r"keep one: use --cluster-dropout 0, or fewer --moe-clusters",
+    ):
         MoEConfig(moe_expert_count=4, moe_clusters=4, cluster_dropout=rate).validate()

@@ -1,5 +1,6 @@
 """The bundled corpus and the input checks / step bookkeeping of scripts/demo.sh; one end-to-end run of another
 language pair (de-fr, tiny model, 2 updates)."""
+
 import gzip
 import hashlib
 import lzma
@@ -24,7 +25,7 @@ def read_xz(name):
 
 @pytest.fixture(scope="module")
 def shipped():
-    return {f"{s}.{l}": read_xz(f"{s}.{l}") for s in SPLITS for l in ("es", "en", "ref")}
+    return {f"{s}.{x}": read_xz(f"{s}.{x}") for s in SPLITS for x in ("es", "en", "ref")}
 
 
 def test_shipped_corpus_line_counts_and_alignment(shipped):
@@ -34,7 +35,7 @@ def test_shipped_corpus_line_counts_and_alignment(shipped):
             lines = shipped[f"{split}.{side}"].split("\n")
             assert lines[-1] == "", f"{split}.{side} must end with a newline"
             assert len(lines) - 1 == n, f"{split}.{side}: {len(lines) - 1} lines, documented {n}"
-            assert all(l.strip() for l in lines[:-1]), f"{split}.{side} has an empty line"
+            assert all(line.strip() for line in lines[:-1]), f"{split}.{side} has an empty line"
         split_refs = shipped[f"{split}.ref"].split()
         assert all(r.count(".") == 2 for r in split_refs)  # Book.Chapter.Verse
         assert not refs & set(split_refs), "a verse is in two splits"
@@ -77,8 +78,13 @@ def make_corpus(d: Path, n=(12, 3, 3), plain=False):
 
 
 def run_demo(tmp_path, corpus, stop_after="corpus", **env):
-    e = dict(os.environ, DEMO_DIR=str(tmp_path / "demo"), DEMO_CORPUS=str(corpus), DEMO_STOP_AFTER=stop_after,
-             PYTHON=sys.executable)
+    e = dict(
+        os.environ,
+        DEMO_DIR=str(tmp_path / "demo"),
+        DEMO_CORPUS=str(corpus),
+        DEMO_STOP_AFTER=stop_after,
+        PYTHON=sys.executable,
+    )
     e.update(env)
     return subprocess.run(["bash", str(DEMO)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=60)
 
@@ -193,6 +199,7 @@ def spm_model(tmp_path_factory):
 
 def fake_generate(path, ids, spm_model):
     import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=spm_model)
     with open(path, "w") as f:
         for i in ids:
@@ -202,16 +209,22 @@ def fake_generate(path, ids, spm_model):
 
 def test_collect_restores_input_order(tmp_path, spm_model):
     fake_generate(tmp_path / "gen", [2, 0, 3, 1], spm_model)
-    r = subprocess.run([sys.executable, str(TOOLS), "collect", str(tmp_path / "gen"), spm_model, "4",
-                        str(tmp_path / "hyp")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(TOOLS), "collect", str(tmp_path / "gen"), spm_model, "4", str(tmp_path / "hyp")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "hyp").read_text().splitlines() == [f"the house {i} is big ." for i in range(4)]
 
 
 def test_collect_fails_loudly_on_missing_hypotheses(tmp_path, spm_model):
     fake_generate(tmp_path / "gen", [0, 1, 3], spm_model)  # what fairseq-generate did with a dropped last batch
-    r = subprocess.run([sys.executable, str(TOOLS), "collect", str(tmp_path / "gen"), spm_model, "4",
-                        str(tmp_path / "hyp")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(TOOLS), "collect", str(tmp_path / "gen"), spm_model, "4", str(tmp_path / "hyp")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert "3 hypotheses for 4 test lines" in r.stderr and "missing ids: [2]" in r.stderr
     assert not (tmp_path / "hyp").exists()
@@ -220,10 +233,22 @@ def test_collect_fails_loudly_on_missing_hypotheses(tmp_path, spm_model):
 def test_score_writes_bleu_and_chrf_with_signatures(tmp_path):
     (tmp_path / "hyp").write_text("the house is big .\nthe garden is green .\n")
     (tmp_path / "ref").write_text("the house is big .\nthe garden is very green .\n")
-    r = subprocess.run([sys.executable, str(TOOLS), "score", str(tmp_path / "hyp"), str(tmp_path / "ref"),
-                        str(tmp_path / "res.txt"), str(tmp_path / "res.json")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(TOOLS),
+            "score",
+            str(tmp_path / "hyp"),
+            str(tmp_path / "ref"),
+            str(tmp_path / "res.txt"),
+            str(tmp_path / "res.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     import json
+
     res = json.loads((tmp_path / "res.json").read_text())
     assert 0 < res["bleu"] < 100 and 0 < res["chrf"] < 100
     assert "tok:13a" in res["bleu_signature"] and res["chrf_signature"].startswith("nrefs:1")
@@ -247,18 +272,21 @@ def refused(r, *needles):
     return r
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"DEMO_SRC": "pt-BR"}, "DEMO_SRC='pt-BR' is not usable as a language code"),
-    ({"DEMO_TGT": "ref"}, "DEMO_TGT=ref"),
-    ({"DEMO_SRC": "en"}, "DEMO_SRC and DEMO_TGT are both 'en'"),
-    ({"DEMO_BLEU_TOKENIZE": "nonsense"}, "not a sacrebleu tokenizer; one of: none, zh, 13a"),
-    ({"DEMO_UPDATES": "many"}, "DEMO_UPDATES must be an integer >= 1"),
-    ({"DEMO_BEAM": "0"}, "DEMO_BEAM must be an integer >= 1"),
-    ({"DEMO_DROPOUT": "1.5"}, "DEMO_DROPOUT must be a number in [0, 1)"),
-    ({"DEMO_LR": "0"}, "DEMO_LR must be a positive number"),
-    ({"DEMO_DIR": "{tmp}/a,b"}, "contains ',', ':' or a newline"),
-    ({"DEMO_DIR": "{tmp}/a:b"}, "contains ',', ':' or a newline"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DEMO_SRC": "pt-BR"}, "DEMO_SRC='pt-BR' is not usable as a language code"),
+        ({"DEMO_TGT": "ref"}, "DEMO_TGT=ref"),
+        ({"DEMO_SRC": "en"}, "DEMO_SRC and DEMO_TGT are both 'en'"),
+        ({"DEMO_BLEU_TOKENIZE": "nonsense"}, "not a sacrebleu tokenizer; one of: none, zh, 13a"),
+        ({"DEMO_UPDATES": "many"}, "DEMO_UPDATES must be an integer >= 1"),
+        ({"DEMO_BEAM": "0"}, "DEMO_BEAM must be an integer >= 1"),
+        ({"DEMO_DROPOUT": "1.5"}, "DEMO_DROPOUT must be a number in [0, 1)"),
+        ({"DEMO_LR": "0"}, "DEMO_LR must be a positive number"),
+        ({"DEMO_DIR": "{tmp}/a,b"}, "contains ',', ':' or a newline"),
+        ({"DEMO_DIR": "{tmp}/a:b"}, "contains ',', ':' or a newline"),
+    ],
+)
 def test_bad_settings_are_refused_before_any_work(tmp_path, env, message):
     c = make_corpus(tmp_path / "c")
     env["DEMO_DIR"] = env.get("DEMO_DIR", "{tmp}/demo").format(tmp=tmp_path)
@@ -268,11 +296,15 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, env, message):
 
 def test_japanese_target_needs_its_tokenizer_or_another_one(tmp_path):
     import importlib.util
+
     if importlib.util.find_spec("MeCab") is not None:
         pytest.skip("MeCab is installed here: ja-mecab works")
     c = make_corpus(tmp_path / "c")
-    refused(run_demo(tmp_path, c, DEMO_TGT="ja"), "tokenizer 'ja-mecab' (for target language 'ja') cannot run",
-            "DEMO_BLEU_TOKENIZE")
+    refused(
+        run_demo(tmp_path, c, DEMO_TGT="ja"),
+        "tokenizer 'ja-mecab' (for target language 'ja') cannot run",
+        "DEMO_BLEU_TOKENIZE",
+    )
     assert not (tmp_path / "demo").exists()
 
 
@@ -280,16 +312,20 @@ def test_malformed_sha256sums_names_the_line(tmp_path):
     c = make_corpus(tmp_path / "c", plain=True)
     good = hashlib.sha256((c / "train.es").read_bytes()).hexdigest()
     (c / "SHA256SUMS").write_text(f"{good}  train.es\nnot a checksum line\n")
-    r = refused(run_demo(tmp_path, c), "SHA256SUMS line 2: expected '<64 hex digits>  <file name>'",
-                "'not a checksum line'")
+    refused(
+        run_demo(tmp_path, c), "SHA256SUMS line 2: expected '<64 hex digits>  <file name>'", "'not a checksum line'"
+    )
     assert not stamp(tmp_path, "corpus").exists()
 
 
 def test_sha256sums_listing_a_missing_file_names_it(tmp_path):
     c = make_corpus(tmp_path / "c", plain=True)
     (c / "SHA256SUMS").write_text("0" * 64 + "  train.de\n" + "1" * 64 + "  ../etc/passwd\n")
-    refused(run_demo(tmp_path, c), "SHA256SUMS line 1 lists 'train.de', which is not in the corpus",
-            "line 2: '../etc/passwd' is not a file name of the corpus directory")
+    refused(
+        run_demo(tmp_path, c),
+        "SHA256SUMS line 1 lists 'train.de', which is not in the corpus",
+        "line 2: '../etc/passwd' is not a file name of the corpus directory",
+    )
     assert not stamp(tmp_path, "corpus").exists()
 
 
@@ -341,8 +377,12 @@ def test_bundled_corpus_key_is_the_one_the_demo_always_computed():
         for side in ("es", "en", "ref"):
             h.update(f"{split}.{side}\n".encode() + (CORPUS / f"{split}.{side}.xz").read_bytes())
     h.update((CORPUS / "SHA256SUMS").read_bytes())
-    r = subprocess.run([sys.executable, str(TOOLS), "corpus-key", str(CORPUS), "--src", "es", "--tgt", "en"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, str(TOOLS), "corpus-key", str(CORPUS), "--src", "es", "--tgt", "en"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert r.stdout.strip() == h.hexdigest()[:12]
 
 
@@ -351,18 +391,33 @@ def test_score_tokenizer_follows_the_target_language(tmp_path):
     (tmp_path / "ref").write_text("这是一个测试\nthe garden is very green .\n")
 
     def score(*extra):
-        r = subprocess.run([sys.executable, str(TOOLS), "score", *(str(tmp_path / f) for f in ("hyp", "ref")),
-                            str(tmp_path / "r.txt"), str(tmp_path / "r.json"), *extra],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(TOOLS),
+                "score",
+                *(str(tmp_path / f) for f in ("hyp", "ref")),
+                str(tmp_path / "r.txt"),
+                str(tmp_path / "r.json"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         import json
+
         return json.loads((tmp_path / "r.json").read_text())
 
     import sacrebleu
+
     hyps = (tmp_path / "hyp").read_text().splitlines()
     refs = [(tmp_path / "ref").read_text().splitlines()]
-    for extra, tok in [(("--tgt-lang", "zh"), "zh"), (("--tgt-lang", "fr"), "13a"),
-                       (("--tgt-lang", "fr", "--tokenize", "char"), "char")]:
+    for extra, tok in [
+        (("--tgt-lang", "zh"), "zh"),
+        (("--tgt-lang", "fr"), "13a"),
+        (("--tgt-lang", "fr", "--tokenize", "char"), "char"),
+    ]:
         res = score(*extra, "--meta", 'model_dir=a "quoted" dir', "--meta", "beam=4")
         assert f"tok:{tok}|" in res["bleu_signature"]
         assert res["bleu"] == round(sacrebleu.corpus_bleu(hyps, refs, tokenize=tok).score, 2)
@@ -371,11 +426,29 @@ def test_score_tokenizer_follows_the_target_language(tmp_path):
 
 # --- another language pair, end to end through the real tools ----------------------------------------------------
 DE_FR = ROOT / "tests" / "fixtures" / "tiny-de-fr"
-TINY_DEMO = dict(DEMO_SRC="de", DEMO_TGT="fr", DEMO_VOCAB="80", DEMO_LAYERS="1", DEMO_DIM="32", DEMO_FFN="64",
-                 DEMO_HEADS="2", DEMO_EXPERTS="4", DEMO_CLUSTERS="2", DEMO_CLUSTER_DROPOUT="0.5",
-                 DEMO_DROPOUT_INTERVAL="1", DEMO_MOE_ENCODER_LAYERS="0", DEMO_MOE_DECODER_LAYERS="0",
-                 DEMO_UPDATES="2", DEMO_SAVE_INTERVAL="2", DEMO_WARMUP="1", DEMO_MAX_TOKENS="1000", DEMO_BEAM="1",
-                 DEMO_GEN_ARGS="--max-len-b 6", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+TINY_DEMO = dict(
+    DEMO_SRC="de",
+    DEMO_TGT="fr",
+    DEMO_VOCAB="80",
+    DEMO_LAYERS="1",
+    DEMO_DIM="32",
+    DEMO_FFN="64",
+    DEMO_HEADS="2",
+    DEMO_EXPERTS="4",
+    DEMO_CLUSTERS="2",
+    DEMO_CLUSTER_DROPOUT="0.5",
+    DEMO_DROPOUT_INTERVAL="1",
+    DEMO_MOE_ENCODER_LAYERS="0",
+    DEMO_MOE_DECODER_LAYERS="0",
+    DEMO_UPDATES="2",
+    DEMO_SAVE_INTERVAL="2",
+    DEMO_WARMUP="1",
+    DEMO_MAX_TOKENS="1000",
+    DEMO_BEAM="1",
+    DEMO_GEN_ARGS="--max-len-b 6",
+    OMP_NUM_THREADS="1",
+    MKL_NUM_THREADS="1",
+)
 
 
 def stored_text(path):
@@ -403,12 +476,14 @@ def test_german_french_corpus_end_to_end(tmp_path):
     assert any(p in de and p not in fr for p in pieces) and any(p in fr and p not in de for p in pieces), pieces
     # fairseq-preprocess and fairseq-train: the pair's codes, one joined dictionary
     assert (demo / "bin" / "dict.de.txt").read_text() == (demo / "bin" / "dict.fr.txt").read_text()
-    assert all((demo / "bin" / f"{s}.de-fr.{l}.bin").is_file() for s in SPLITS for l in ("de", "fr"))
+    assert all((demo / "bin" / f"{s}.de-fr.{lang}.bin").is_file() for s in SPLITS for lang in ("de", "fr"))
     (model,) = demo.glob("default-*")
     assert "--source-lang de --target-lang fr" in (model / "train.cmd").read_text()
     # sacrebleu: every test line translated, scored against the French references with the French tokenizer
     import json
+
     import sacrebleu
+
     hyps = (model / "hyp.test.fr").read_text(encoding="utf-8").splitlines()
     refs = stored_text(DE_FR / "test.fr").splitlines()
     res = json.loads((model / "results.json").read_text())
@@ -425,16 +500,24 @@ def test_german_french_corpus_end_to_end(tmp_path):
 # --- the corpus rebuild's cleaning (pure text functions; the Debian packages are not needed here) ------------------
 def rebuild_module():
     import rebuild_bible_corpus  # scripts/ is on the tests' path (pyproject.toml)
+
     return rebuild_bible_corpus
 
 
 def test_rebuild_cleaning_rules():
     clean = rebuild_module().clean
-    assert clean('<w lemma="strong:H0430">God</w><note placement="foot"><reference type="annotateRef">1:1 '
-                 '</reference>The Hebrew word “God”.</note><w lemma="x">created</w>') == "God created"
+    assert (
+        clean(
+            '<w lemma="strong:H0430">God</w><note placement="foot"><reference type="annotateRef">1:1 '
+            '</reference>The Hebrew word “God”.</note><w lemma="x">created</w>'
+        )
+        == "God created"
+    )
     assert clean('<title type="psalm">A Psalm.</title> <w>Yahweh</w>,<note>n</note>for') == "Yahweh, for"
-    assert clean("coins</q> <note>x</note> <q marker=\"\">? Not &amp; ‘walk’</q> ?”") == "coins? Not & ‘walk’?”"
-    assert clean('Amen. <chapter eID="Rev.22"/> <div sID="g1" type="glossary"/> <title>Glossary</title> Abba') == "Amen."
+    assert clean('coins</q> <note>x</note> <q marker="">? Not &amp; ‘walk’</q> ?”') == "coins? Not & ‘walk’?”"
+    assert (
+        clean('Amen. <chapter eID="Rev.22"/> <div sID="g1" type="glossary"/> <title>Glossary</title> Abba') == "Amen."
+    )
     assert clean("  a \n\t b  ") == "a b"
 
 

@@ -1,4 +1,5 @@
 """Dispatch and the whole MoE layer against naive per-token loops (outputs and every gradient)."""
+
 import pytest
 import torch
 
@@ -93,8 +94,7 @@ def test_expert_loop_gradients_match_finite_differences():
     counts = [2, 0, 3, 1]
     x = torch.randn(sum(counts), 3, dtype=torch.double, requires_grad=True)
     groups = Groups(counts, None, None)
-    assert torch.autograd.gradcheck(lambda x, w, b: _ExpertLoop.apply(x, w, b, counts),
-                                    (x, lin.weight, lin.bias))
+    assert torch.autograd.gradcheck(lambda x, w, b: _ExpertLoop.apply(x, w, b, counts), (x, lin.weight, lin.bias))
     lin(x, groups).pow(2).sum().backward()
     assert torch.all(lin.weight.grad[1] == 0) and torch.all(lin.bias.grad[1] == 0)
     rows = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])
@@ -119,16 +119,16 @@ def test_layer_matches_naive_layer_and_skips_padding(top_k):
     fast = grads(x, layer)
 
     ref = torch.zeros_like(x)
-    for l in range(5):
+    for t in range(5):
         for b in range(3):
-            if pad[l, b]:
+            if pad[t, b]:
                 continue
-            v = x[l, b]
+            v = x[t, b]
             p = torch.softmax(layer.router.weight @ v, dim=-1)
             gate, idx = p.topk(top_k)
             if top_k == 2:
                 gate = gate / gate.sum()
-            ref[l, b] = sum(g * naive_expert(layer.experts, int(e), v) for g, e in zip(gate, idx))
+            ref[t, b] = sum(g * naive_expert(layer.experts, int(e), v) for g, e in zip(gate, idx))
     # the reference has no graph through the padding rows; give it the same objective
     ref.pow(2).sum().backward()
     slow = grads(x, layer)
@@ -155,9 +155,17 @@ def test_capacity_train_and_eval_factors_are_separate():
 # The MoE layers of the WMT'14 recipe (configs/wmt14_en_de: moe_layers/paper.yaml, method/moec.yaml, moec64_big.yaml):
 # Transformer-big sizes, 64 experts in 8 clusters, top-1, cosine router, 3 sublayers per expert, dropless (no
 # capacity factor), cluster dropout 0.5 with rerouting inside the cluster, intra cluster loss; trained in bf16.
-WMT_BIG = dict(moe_expert_count=64, moe_clusters=8, moe_top_k=1, moe_router="cosine", moe_expert_sublayers=3,
-               moe_capacity_factor=None, cluster_dropout=0.5, cluster_dropout_reroute="cluster",
-               moe_cluster_loss="intra")
+WMT_BIG = dict(
+    moe_expert_count=64,
+    moe_clusters=8,
+    moe_top_k=1,
+    moe_router="cosine",
+    moe_expert_sublayers=3,
+    moe_capacity_factor=None,
+    cluster_dropout=0.5,
+    cluster_dropout_reroute="cluster",
+    moe_cluster_loss="intra",
+)
 META_CASES = {
     "top1": (dict(moe_expert_count=8), 16, 32),
     "top2": (dict(moe_expert_count=8, moe_top_k=2), 16, 32),
@@ -195,15 +203,19 @@ def test_grouped_path_never_reads_device_data_on_the_host(case):
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.shape == p.shape, name
     assert layer.experts.fc1[0].weight.dtype == torch.bfloat16 and len(layer.experts.fc1) == cfg_kwargs.get(
-        "moe_expert_sublayers", 1)
+        "moe_expert_sublayers", 1
+    )
     assert set(layer.last_stats) >= {"load_cv", "expert_load", "tokens"}
     with pytest.raises(NotImplementedError):  # the premise: meta refuses a host read
         torch.bincount(torch.zeros(3, dtype=torch.long, device="meta"))
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="padding removal reads the number of real tokens to the host (nonzero): one "
-                          "synchronisation per MoE layer and forward whenever fairseq passes a padding mask")
+@pytest.mark.xfail(
+    strict=True,
+    raises=NotImplementedError,
+    reason="padding removal reads the number of real tokens to the host (nonzero): one "
+    "synchronisation per MoE layer and forward whenever fairseq passes a padding mask",
+)
 def test_grouped_path_with_padding_never_reads_device_data_on_the_host():
     """Known host read left in the bf16 path: fairseq batches carry padding, and MoELayer removes it with
     nonzero(). Strict xfail: this turns red (XPASS) once padding is handled without a host read."""

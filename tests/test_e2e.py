@@ -1,24 +1,38 @@
 """The real command-line path: preprocess (fixture) -> train -> stop -> resume identically -> generate -> sacrebleu;
 resuming from the end of an epoch and inside the next one."""
+
 import json
 import re
 
 import pytest
 import sacrebleu
 import torch
+from conftest import FIXTURE, TINY_MOEC_ARGS, cli, run
 
 import fairseq_moec  # noqa: F401  (allowlists the globals of fairseq checkpoints for torch.load)
-
-from conftest import FIXTURE, TINY_MOEC_ARGS, cli, run
 
 pytestmark = pytest.mark.slow
 
 
 def train(data_bin, save_dir, max_update, *extra):
-    proc = run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, "--max-update", max_update,
-                "--save-interval-updates", "4", "--save-dir", save_dir, *extra])
-    return {int(rec["num_updates"]): rec for rec in
-            (json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", proc.stdout + proc.stderr))}
+    proc = run(
+        [
+            cli("fairseq-train"),
+            data_bin,
+            *TINY_MOEC_ARGS,
+            "--max-update",
+            max_update,
+            "--save-interval-updates",
+            "4",
+            "--save-dir",
+            save_dir,
+            *extra,
+        ]
+    )
+    return {
+        int(rec["num_updates"]): rec
+        for rec in (json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", proc.stdout + proc.stderr))
+    }
 
 
 def test_train_resume_generate_score(tiny_corpus, tmp_path):
@@ -36,9 +50,25 @@ def test_train_resume_generate_score(tiny_corpus, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # generate: every test line (37: the last batch is not a multiple of 8), then detokenised sacrebleu
-    proc = run([cli("fairseq-generate"), data_bin, "--user-dir", TINY_MOEC_ARGS[1], "--task", "translation_moec",
-                "--path", tmp_path / "resumed" / "checkpoint_last.pt", "--beam", "2", "--batch-size", "16",
-                "--remove-bpe", "sentencepiece", "--cpu"])
+    proc = run(
+        [
+            cli("fairseq-generate"),
+            data_bin,
+            "--user-dir",
+            TINY_MOEC_ARGS[1],
+            "--task",
+            "translation_moec",
+            "--path",
+            tmp_path / "resumed" / "checkpoint_last.pt",
+            "--beam",
+            "2",
+            "--batch-size",
+            "16",
+            "--remove-bpe",
+            "sentencepiece",
+            "--cpu",
+        ]
+    )
     hyps = dict(re.findall(r"^D-(\d+)\t[^\t]*\t(.*)$", proc.stdout, flags=re.M))
     refs = (FIXTURE / "test.en").read_text(encoding="utf-8").splitlines()
     assert len(hyps) == len(refs) == 37

@@ -1,12 +1,12 @@
 """Expert parallelism: 2 gloo processes on CPU against one process holding every expert; fairseq-train under
 torchrun (train, save, resume, consolidate, generate on one process); a process dying mid-training."""
+
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,12 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import BIN, FIXTURE, PLUGIN, ROOT, TINY_MOEC_ARGS, cli, run
 
 import fairseq_moec  # noqa: F401  (allowlists the globals of fairseq checkpoints for torch.load)
 from fairseq_moec import sharded_checkpoint as sc
 from fairseq_moec.modules import ExpertParallel, MoEConfig, MoELayer
-
-from conftest import BIN, FIXTURE, PLUGIN, ROOT, TINY_MOEC_ARGS, cli, run
 
 W, D, F = 2, 16, 24
 # (config, tokens per process): top-1 with cluster dropout and padding; top-2 with token dropping (capacity)
@@ -88,8 +87,11 @@ def fairseq_grads(backend, rank):
 
     model = SharedThenMoE(ExpertParallel(rank, W))
     prepare_for_expert_parallel(model, model.moe.expert_parallel)
-    wrapped = (DistributedDataParallel(model) if backend == "pytorch_ddp"
-               else LegacyDistributedDataParallel(model, dist.group.WORLD))
+    wrapped = (
+        DistributedDataParallel(model)
+        if backend == "pytorch_ddp"
+        else LegacyDistributedDataParallel(model, dist.group.WORLD)
+    )
     x, pad, proj = make_inputs(CASES[0], rank)
     loss_of(wrapped, x.detach(), pad, proj, model.moe)[1].backward()
     if backend == "legacy_ddp":
@@ -106,8 +108,9 @@ def ep_worker(rank, port, out_dir):
         x, pad, proj = make_inputs(case, rank)
         out, loss = loss_of(layer, x, pad, proj)
         loss.backward()
-        results.append({"out": out.detach(), "x_grad": x.grad,
-                        "grads": {n: p.grad for n, p in layer.named_parameters()}})
+        results.append(
+            {"out": out.detach(), "x_grad": x.grad, "grads": {n: p.grad for n, p in layer.named_parameters()}}
+        )
     fairseq = {backend: fairseq_grads(backend, rank) for backend in ("pytorch_ddp", "legacy_ddp")}
     torch.save({"layer": results, "fairseq": fairseq}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -158,7 +161,7 @@ def test_two_processes_match_one_process_holding_all_experts(tmp_path):
             for r in range(W):
                 got = saved[r]["fairseq"][backend][name]
                 if ".experts." in name:
-                    expected_r = expected[r * E // W:(r + 1) * E // W]
+                    expected_r = expected[r * E // W : (r + 1) * E // W]
                 else:
                     expected_r = expected
                 torch.testing.assert_close(got, expected_r, atol=1e-5, rtol=0, msg=f"{backend} {name} rank {r}")
@@ -200,8 +203,9 @@ def test_an_interrupted_save_leaves_a_loadable_checkpoint(tmp_path):
     assert sc.find_shard(main, 1, "A")["model"]["w"].item() == 1.0
     assert sc.load(shard)[sc.META]["token"] == "A" and not os.path.exists(shard + ".prev")
     # save C wrote checkpoint_1_4 (main and shard), then only the main file reached checkpoint_last
-    sc.atomic_save({sc.META: {"token": "C"}, "model": {"w": torch.tensor([3.0])}},
-                   str(tmp_path / "checkpoint_1_4-expert-rank1.pt"))
+    sc.atomic_save(
+        {sc.META: {"token": "C"}, "model": {"w": torch.tensor([3.0])}}, str(tmp_path / "checkpoint_1_4-expert-rank1.pt")
+    )
     assert sc.find_shard(main, 1, "C")["model"]["w"].item() == 3.0
     assert sc.load(shard)[sc.META]["token"] == "C"
     with pytest.raises(FileNotFoundError, match="no expert shard of process 1 belongs to"):
@@ -223,7 +227,7 @@ def test_one_shard_of_an_expert_parallel_checkpoint_is_refused_with_a_clear_mess
 # ------------------------------------------------------------------------------- fairseq-train under torchrun
 def with_value(args, flag, value):
     i = args.index(flag)
-    return args[:i + 1] + [value] + args[i + 2:]
+    return args[: i + 1] + [value] + args[i + 2 :]
 
 
 # the tiny MoEC model with 8 experts in 2 clusters (4 + 4 on two processes), cluster dropout resampled every 2
@@ -233,14 +237,24 @@ UPDATES = 8
 
 
 def train_log(text):
-    return {int(r["num_updates"]): r for r in
-            (json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", text))}
+    return {int(r["num_updates"]): r for r in (json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", text))}
 
 
 def torchrun_train(data_bin, save_dir, max_update, stdout=None):
     """scripts/launch.sh: torchrun --standalone --nproc_per_node 2 fairseq-train ... --cpu (+ gloo)."""
-    cmd = ["bash", ROOT / "scripts" / "launch.sh", str(W), data_bin, *E2E_ARGS, "--save-interval-updates", "2",
-           "--max-update", str(max_update), "--save-dir", save_dir]
+    cmd = [
+        "bash",
+        ROOT / "scripts" / "launch.sh",
+        str(W),
+        data_bin,
+        *E2E_ARGS,
+        "--save-interval-updates",
+        "2",
+        "--max-update",
+        str(max_update),
+        "--save-dir",
+        save_dir,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if stdout is None:
         return run(cmd, env={"PATH": env["PATH"]})
@@ -270,8 +284,19 @@ def single_process_reference(tiny_corpus, tmp_path_factory):
     expert-parallel processes see in each update."""
     _, _, data_bin = tiny_corpus
     save_dir = tmp_path_factory.mktemp("ep_reference")
-    proc = run([cli("fairseq-train"), data_bin, *E2E_ARGS, "--update-freq", str(W), "--max-update", UPDATES,
-                "--save-dir", save_dir])
+    proc = run(
+        [
+            cli("fairseq-train"),
+            data_bin,
+            *E2E_ARGS,
+            "--update-freq",
+            str(W),
+            "--max-update",
+            UPDATES,
+            "--save-dir",
+            save_dir,
+        ]
+    )
     return train_log(proc.stdout + proc.stderr), save_dir / "checkpoint_last.pt"
 
 
@@ -300,8 +325,14 @@ def killed_and_restarted(tiny_corpus, tmp_path_factory):
         killed_log = log.read()
     resumed_from = saved_update(save_dir / "checkpoint_last.pt")
     proc = torchrun_train(data_bin, save_dir, UPDATES)
-    return dict(save_dir=save_dir, returncode=launcher.returncode, stopped_after=stopped_after, killed_log=killed_log,
-                resumed_from=resumed_from, resumed_log=proc.stdout + proc.stderr)
+    return dict(
+        save_dir=save_dir,
+        returncode=launcher.returncode,
+        stopped_after=stopped_after,
+        killed_log=killed_log,
+        resumed_from=resumed_from,
+        resumed_log=proc.stdout + proc.stderr,
+    )
 
 
 @pytest.mark.slow
@@ -311,14 +342,17 @@ def test_a_dead_process_stops_the_others_and_the_run_restarts_from_its_last_chec
     assert r["stopped_after"] < 60, f"the surviving process took {r['stopped_after']:.0f}s to stop"
     assert "ChildFailedError" in r["killed_log"]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", r["killed_log"]), r["killed_log"][-2000:]
-    assert f"Loaded checkpoint {r['save_dir']}/checkpoint_last.pt (epoch 1 @ {r['resumed_from']} updates)" \
+    assert (
+        f"Loaded checkpoint {r['save_dir']}/checkpoint_last.pt (epoch 1 @ {r['resumed_from']} updates)"
         in r["resumed_log"]
+    )
     assert sorted(train_log(r["resumed_log"])) == list(range(r["resumed_from"] + 1, UPDATES + 1))
 
 
 @pytest.mark.slow
 def test_torchrun_expert_parallel_training_equals_one_process_then_consolidates_and_generates(
-        killed_and_restarted, single_process_reference, tiny_corpus, tmp_path):
+    killed_and_restarted, single_process_reference, tiny_corpus, tmp_path
+):
     _, _, data_bin = tiny_corpus
     r = killed_and_restarted
     reference_log, reference_checkpoint = single_process_reference
@@ -358,15 +392,34 @@ def test_torchrun_expert_parallel_training_equals_one_process_then_consolidates_
     # reshard for 4 processes and merge back: the same checkpoint
     resharded = tmp_path / "w4" / "checkpoint_last.pt"
     consolidate.main([str(merged), "--world-size", "4", "-o", str(resharded)])
-    assert sc.load(str(sc.shard_path(str(resharded), 3)))["model"][
-        "decoder.layers.1.fc1.moe.experts.fc2.0.bias"].shape[0] == 2
+    assert (
+        sc.load(str(sc.shard_path(str(resharded), 3)))["model"]["decoder.layers.1.fc1.moe.experts.fc2.0.bias"].shape[0]
+        == 2
+    )
     consolidate.main([str(resharded), "-o", str(tmp_path / "back.pt")])
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     assert all(torch.equal(back["model"][k], v) for k, v in got["model"].items())
 
     # fairseq-generate on one CPU process translates every test line with the merged checkpoint
-    proc = run([cli("fairseq-generate"), data_bin, "--user-dir", PLUGIN, "--task", "translation_moec", "--path", merged,
-                "--beam", "2", "--batch-size", "64", "--remove-bpe", "sentencepiece", "--cpu"])
+    proc = run(
+        [
+            cli("fairseq-generate"),
+            data_bin,
+            "--user-dir",
+            PLUGIN,
+            "--task",
+            "translation_moec",
+            "--path",
+            merged,
+            "--beam",
+            "2",
+            "--batch-size",
+            "64",
+            "--remove-bpe",
+            "sentencepiece",
+            "--cpu",
+        ]
+    )
     hyps = re.findall(r"^D-(\d+)\t", proc.stdout, flags=re.M)
     assert len(hyps) == len((FIXTURE / "test.en").read_text(encoding="utf-8").splitlines()) == 37
 
@@ -374,4 +427,5 @@ def test_torchrun_expert_parallel_training_equals_one_process_then_consolidates_
 def load_script(name):
     """scripts/NAME.py as a module (pyproject.toml puts scripts/ on the tests' path)."""
     import importlib
+
     return importlib.import_module(name)

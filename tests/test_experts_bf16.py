@@ -6,6 +6,7 @@ loop. On the CPU torch._grouped_mm runs in bf16 (torch 2.13) through torch's fal
 accumulation, not the fused CUDA kernel of H100-class GPUs: benchmarks/recipe_check.py measures that one (run by
 benchmarks/gpu_check.sh).
 """
+
 import math
 import re
 
@@ -17,7 +18,7 @@ from fairseq_moec.modules.experts import ExpertFFNs, Groups
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm not available")
 
-BF16_EPS = 2.0 ** -8  # bf16 keeps 8 significant bits: one rounding is off by up to 2^-9 relative
+BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits: one rounding is off by up to 2^-9 relative
 # Measured here: outputs 0.7 x 2^-8, gradients 0.4-1.5 x 2^-8 (3 sublayers). A 5% error is 12.8 x 2^-8.
 TOL = 3 * BF16_EPS
 COUNTS = [150, 0, 300, 62]  # uneven, one expert without rows
@@ -35,13 +36,13 @@ def reference(params, x, counts, activation, relu_masks=None):
     zero may have the other sign in bf16, and that flips its whole gradient, whatever the arithmetic's precision."""
     outs, start = [], 0
     for e, n in enumerate(counts):
-        v = x[start:start + n]
+        v = x[start : start + n]
         for s in range(SUBLAYERS):
             h = v @ params[f"fc1.{s}.weight"][e].t() + params[f"fc1.{s}.bias"][e]
             if activation == "gelu":
                 h = F.gelu(h)
             else:
-                h = h * relu_masks[s][start:start + n]
+                h = h * relu_masks[s][start : start + n]
             v = h @ params[f"fc2.{s}.weight"][e].t() + params[f"fc2.{s}.bias"][e]
         outs.append(v)
         start += n
@@ -124,18 +125,22 @@ def test_bf16_grouped_path_keeps_no_more_for_backward_than_the_fp16_loop():
     assert grouped_bytes < loop_bytes + one_weight_copy / 2  # the premise: a cast copy would show
 
 
-@pytest.mark.parametrize("device,capability,dtype,grouped", [
-    ("cuda", (9, 0), torch.bfloat16, True),    # H100, H200: the fused kernel
-    ("cuda", (10, 0), torch.bfloat16, True),   # B200
-    ("cuda", (8, 0), torch.bfloat16, False),   # A100: torch's fallback would read the offsets to the host
-    ("cuda", (9, 0), torch.float16, False),    # fp16: no grouped kernel in torch
-    ("cpu", None, torch.bfloat16, True),
-    ("cpu", None, torch.float32, False),
-])
+@pytest.mark.parametrize(
+    "device,capability,dtype,grouped",
+    [
+        ("cuda", (9, 0), torch.bfloat16, True),  # H100, H200: the fused kernel
+        ("cuda", (10, 0), torch.bfloat16, True),  # B200
+        ("cuda", (8, 0), torch.bfloat16, False),  # A100: torch's fallback would read the offsets to the host
+        ("cuda", (9, 0), torch.float16, False),  # fp16: no grouped kernel in torch
+        ("cpu", None, torch.bfloat16, True),
+        ("cpu", None, torch.float32, False),
+    ],
+)
 def test_grouped_call_only_where_torch_has_the_fused_kernel(monkeypatch, device, capability, dtype, grouped):
     from types import SimpleNamespace
 
     from fairseq_moec.modules.experts import grouped_mm_available
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     rows = SimpleNamespace(dtype=dtype, device=torch.device(device))  # no GPU here: a stand-in for the rows
     assert grouped_mm_available(rows) is grouped
@@ -150,11 +155,39 @@ def test_fairseq_train_in_bf16_with_the_recipe_moe_flags(tiny_corpus, tmp_path, 
     from conftest import TINY_MOEC_ARGS, cli, run
 
     _, _, data_bin = tiny_corpus
-    recipe_moe = ["--moe-expert-count", "8", "--moe-clusters", "2", "--cluster-dropout", "0.5",
-                  "--cluster-dropout-reroute", "cluster", "--moe-top-k", "1", "--moe-router", "cosine",
-                  "--moe-expert-sublayers", "3", "--moe-cluster-loss", "intra", "--clip-norm", "0.1"]
-    proc = run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, *recipe_moe, *precision, "--max-update", "2",
-                "--save-dir", tmp_path])
+    recipe_moe = [
+        "--moe-expert-count",
+        "8",
+        "--moe-clusters",
+        "2",
+        "--cluster-dropout",
+        "0.5",
+        "--cluster-dropout-reroute",
+        "cluster",
+        "--moe-top-k",
+        "1",
+        "--moe-router",
+        "cosine",
+        "--moe-expert-sublayers",
+        "3",
+        "--moe-cluster-loss",
+        "intra",
+        "--clip-norm",
+        "0.1",
+    ]
+    proc = run(
+        [
+            cli("fairseq-train"),
+            data_bin,
+            *TINY_MOEC_ARGS,
+            *recipe_moe,
+            *precision,
+            "--max-update",
+            "2",
+            "--save-dir",
+            tmp_path,
+        ]
+    )
     log = proc.stdout + proc.stderr
     assert "torch_xla is not installed, so no TPU: training in bf16 on the CPU" in log
     losses = [float(v) for v in re.findall(r'"loss": "([0-9.naninf-]+)"', log)]

@@ -1,5 +1,6 @@
 """--inference-experts: validation and generation use every expert by default, or (training-mask) only the
 survivors of the cluster-dropout mask saved with the model, as the official MoEC code does."""
+
 import pytest
 import torch
 
@@ -42,7 +43,8 @@ def test_generate_path_keeps_the_mask_only_when_asked(tiny_moec_checkpoint):
     path, data_bin = tiny_moec_checkpoint
     for setting in ("all", "training-mask"):
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-            [str(path)], arg_overrides={"data": str(data_bin), "inference_experts": setting})
+            [str(path)], arg_overrides={"data": str(data_bin), "inference_experts": setting}
+        )
         model = models[0]
         layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         assert layers and all(bool((~m.cluster_dropout.survivors).any()) for m in layers)  # a mask was saved

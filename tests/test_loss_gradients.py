@@ -1,5 +1,6 @@
 """Gradients of the MoEC losses: fp64 gradchecks and hand-derived gradients with respect to the router
 probabilities, and the cluster term alone training the router (a stray .detach() fails here, not elsewhere)."""
+
 import pytest
 import torch
 
@@ -83,15 +84,24 @@ def moe_layer(**kw):
 TOKENS = torch.randn(64, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("kw", [{}, {"cluster_dropout": 0.5}, {"moe_cluster_loss": "ratio"},
-                                {"moe_cluster_loss_norm": "official"}, {"moe_router": "cosine"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"cluster_dropout": 0.5},
+        {"moe_cluster_loss": "ratio"},
+        {"moe_cluster_loss_norm": "official"},
+        {"moe_router": "cosine"},
+    ],
+)
 def test_cluster_term_alone_gives_the_router_a_gradient(kw):
     layer = moe_layer(**kw)
     layer(TOKENS)
     layer.last_losses["cluster"].backward()
     router = dict(layer.router.named_parameters())
     assert router and all(p.grad is not None and p.grad.abs().max() > 1e-8 for p in router.values()), {
-        n: None if p.grad is None else float(p.grad.abs().max()) for n, p in router.items()}
+        n: None if p.grad is None else float(p.grad.abs().max()) for n, p in router.items()
+    }
     # the experts do not take part in the cluster term
     assert all(p.grad is None for p in layer.experts.parameters())
 

@@ -1,4 +1,5 @@
 """Loss and statistic values against hand computations on small tensors."""
+
 import math
 
 import pytest
@@ -7,8 +8,7 @@ import torch
 from fairseq_moec.modules import losses
 
 # Two tokens, four experts in two clusters {0,1} {2,3}.
-PROBS = torch.tensor([[0.7, 0.2, 0.05, 0.05],
-                      [0.1, 0.1, 0.6, 0.2]])
+PROBS = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.6, 0.2]])
 TOP1 = torch.tensor([[0], [2]])
 TOP1_COUNTS = losses.expert_counts(TOP1, 4)
 

@@ -1,6 +1,7 @@
 """The routing metrics of the training logs: a fixed routing through the loss functions, the MoE layer, the
 criterion's logging outputs and its reduce_metrics aggregation (against hand computations), and the moe_*
 scalars in TensorBoard event files."""
+
 import math
 import struct
 from types import SimpleNamespace
@@ -8,22 +9,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-
 from fairseq import metrics
 from fairseq.data import Dictionary
+
 from fairseq_moec.criterions.moec_label_smoothed_cross_entropy import (
-    LOSS_TERMS, ROUTING_STATS, MoECLabelSmoothedCrossEntropy)
+    LOSS_TERMS,
+    ROUTING_STATS,
+    MoECLabelSmoothedCrossEntropy,
+)
 from fairseq_moec.modules import MoEConfig, MoELayer, losses
 
 # Fixed routing: T = 6 tokens, E = 4 experts in G = 2 clusters (C0 = {0, 1}, C1 = {2, 3}).
-PROBS = torch.tensor([
-    [0.50, 0.30, 0.10, 0.10],
-    [0.10, 0.60, 0.20, 0.10],
-    [0.10, 0.10, 0.20, 0.60],
-    [0.20, 0.10, 0.40, 0.30],
-    [0.45, 0.05, 0.10, 0.40],
-    [0.70, 0.20, 0.05, 0.05],
-])
+PROBS = torch.tensor(
+    [
+        [0.50, 0.30, 0.10, 0.10],
+        [0.10, 0.60, 0.20, 0.10],
+        [0.10, 0.10, 0.20, 0.60],
+        [0.20, 0.10, 0.40, 0.30],
+        [0.45, 0.05, 0.10, 0.40],
+        [0.70, 0.20, 0.05, 0.05],
+    ]
+)
 EXPERTS = torch.tensor([[0], [1], [3], [2], [0], [0]])  # argmax of each row: load (3, 1, 1, 1)
 # Column sums of PROBS: (2.05, 1.35, 1.05, 1.55); mean routing mass P = column sums / 6.
 # f = (3, 1, 1, 1) / 6.
@@ -103,8 +109,12 @@ class FixedRoutingModel(nn.Module):
 
 def sample_of(probs: torch.Tensor, ntokens: int):
     target = torch.full((1, ntokens), 3, dtype=torch.long)
-    return {"net_input": {"router_input": probs.log(), "target_shape": tuple(target.shape)}, "target": target,
-            "ntokens": ntokens, "nsentences": 1}
+    return {
+        "net_input": {"router_input": probs.log(), "target_shape": tuple(target.shape)},
+        "target": target,
+        "ntokens": ntokens,
+        "nsentences": 1,
+    }
 
 
 # A second routing: 4 tokens, all to expert 2 -> load (0, 0, 4, 0): cv = sqrt(3), entropy 0.
@@ -113,8 +123,9 @@ PROBS2 = torch.tensor([[0.1, 0.1, 0.7, 0.1]] * 4)
 
 def test_criterion_logs_sample_size_weighted_means():
     task = SimpleNamespace(target_dictionary=Dictionary())  # the criterion only asks for the padding index
-    crit = MoECLabelSmoothedCrossEntropy(task, sentence_avg=False, label_smoothing=0.0,
-                                         moe_balance_weight=0.01, moe_cluster_weight=0.1, moe_z_weight=0.0)
+    crit = MoECLabelSmoothedCrossEntropy(
+        task, sentence_avg=False, label_smoothing=0.0, moe_balance_weight=0.01, moe_cluster_weight=0.1, moe_z_weight=0.0
+    )
     model = FixedRoutingModel(vocab=8)
     loss1, size1, log1 = crit(model, sample_of(PROBS, 10))
     loss2, size2, log2 = crit(model, sample_of(PROBS2, 30))
@@ -162,10 +173,24 @@ def test_criterion_logs_sample_size_weighted_means():
 def test_reduce_metrics_with_two_fake_logging_outputs():
     """Exactly the shape fairseq hands reduce_metrics: summed values and sample sizes of several batches."""
     logs = [
-        {"loss": 20.0, "nll_loss": 18.0, "ntokens": 10, "nsentences": 2, "sample_size": 10,
-         "moe_dec1_load_cv": 0.2 * 10, "moe_dec1_balance": 1.0 * 10},
-        {"loss": 90.0, "nll_loss": 80.0, "ntokens": 30, "nsentences": 5, "sample_size": 30,
-         "moe_dec1_load_cv": 0.6 * 30, "moe_dec1_balance": 1.4 * 30},
+        {
+            "loss": 20.0,
+            "nll_loss": 18.0,
+            "ntokens": 10,
+            "nsentences": 2,
+            "sample_size": 10,
+            "moe_dec1_load_cv": 0.2 * 10,
+            "moe_dec1_balance": 1.0 * 10,
+        },
+        {
+            "loss": 90.0,
+            "nll_loss": 80.0,
+            "ntokens": 30,
+            "nsentences": 5,
+            "sample_size": 30,
+            "moe_dec1_load_cv": 0.6 * 30,
+            "moe_dec1_balance": 1.4 * 30,
+        },
     ]
     with metrics.aggregate(new_root=True) as agg:
         MoECLabelSmoothedCrossEntropy.reduce_metrics(logs)
@@ -182,8 +207,8 @@ def read_tensorboard_scalars(path):
 
     data, i, out = path.read_bytes(), 0, {}
     while i < len(data):
-        (n,) = struct.unpack("<Q", data[i:i + 8])
-        event = Event.FromString(data[i + 12:i + 12 + n])
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        event = Event.FromString(data[i + 12 : i + 12 + n])
         i += 12 + n + 4
         for v in event.summary.value:
             out.setdefault(v.tag, []).append((event.step, v.simple_value))

@@ -1,18 +1,36 @@
 """The fairseq glue: dense equivalence at E=1, layer placement, flag validation through the real CLI."""
+
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PLUGIN, cli, run
 from fairseq import options
 from fairseq.data import Dictionary
 from fairseq.models.transformer import TransformerModel
 
-from conftest import PLUGIN, cli, run
 from fairseq_moec.models.moec_transformer import MoECTransformerModel
 
-SIZES = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48", "--encoder-layers", "2",
-         "--decoder-layers", "2", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-         "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0"]
+SIZES = [
+    "--encoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "48",
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+    "--dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--activation-dropout",
+    "0",
+]
 
 
 def dictionary(n=40):
@@ -25,7 +43,8 @@ def dictionary(n=40):
 def build(arch, extra, task="translation_moec"):
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(
-        parser, ["unused", "--user-dir", PLUGIN, "--task", task, "--arch", arch, "--cpu", *SIZES, *extra])
+        parser, ["unused", "--user-dir", PLUGIN, "--task", task, "--arch", arch, "--cpu", *SIZES, *extra]
+    )
     d = dictionary()
     cls = MoECTransformerModel if arch.startswith("moec") else TransformerModel
     return cls.build_model(args, SimpleNamespace(source_dictionary=d, target_dictionary=d)), d
@@ -76,8 +95,9 @@ def test_single_expert_reproduces_dense_transformer():
         for name, p in dense.named_parameters():  # every parameter's gradient, not one
             key, stacked = moe_name(name)
             g_moe = moe_params.pop(key).grad
-            torch.testing.assert_close(g_moe[0] if stacked else g_moe, p.grad, atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"{mode} {name}: {m}")
+            torch.testing.assert_close(
+                g_moe[0] if stacked else g_moe, p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{mode} {name}: {m}"
+            )
         # left: the routers; softmax over one expert is constantly 1, so they get exactly zero gradient
         assert moe_params and all(".router." in n for n in moe_params)
         assert all(p.grad is None or not p.grad.any() for p in moe_params.values())
@@ -85,39 +105,71 @@ def test_single_expert_reproduces_dense_transformer():
 
 
 def test_layer_placement():
-    model, _ = build("moec_transformer", ["--encoder-layers", "4", "--decoder-layers", "4",
-                                          "--moe-encoder-layers", "1,3", "--moe-decoder-layers", "0"])
+    model, _ = build(
+        "moec_transformer",
+        ["--encoder-layers", "4", "--decoder-layers", "4", "--moe-encoder-layers", "1,3", "--moe-decoder-layers", "0"],
+    )
     assert [name for name, _ in model.moe_layers()] == ["enc1", "enc3", "dec0"]
     model, _ = build("moec_transformer", ["--encoder-layers", "4", "--decoder-layers", "4", "--moe-every", "2"])
     assert [name for name, _ in model.moe_layers()] == ["enc1", "enc3", "dec1", "dec3"]
-    model, _ = build("moec_transformer_tiny", ["--moe-expert-count", "4", "--moe-clusters", "2",
-                                               "--moe-expert-sublayers", "3"])
-    (name, layer), = [m for m in model.moe_layers() if m[0] == "enc1"]
+    model, _ = build(
+        "moec_transformer_tiny", ["--moe-expert-count", "4", "--moe-clusters", "2", "--moe-expert-sublayers", "3"]
+    )
+    ((name, layer),) = [m for m in model.moe_layers() if m[0] == "enc1"]
     assert (layer.cfg.moe_expert_count, layer.cfg.moe_clusters, len(layer.experts.fc1)) == (4, 2, 3)
 
 
-@pytest.mark.parametrize("extra,flag", [
-    (["--moe-encoder-layers", "5"], "--moe-encoder-layers: layer 5 out of range"),
-    (["--moe-every", "2", "--moe-decoder-layers", "1"], "--moe-every"),
-    (["--moe-encoder-layers", "", "--moe-decoder-layers", ""], "no layer is a MoE layer"),
-    (["--moe-every", "1", "--moe-expert-count", "6", "--moe-clusters", "4"], "--moe-clusters"),
-])
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--moe-encoder-layers", "5"], "--moe-encoder-layers: layer 5 out of range"),
+        (["--moe-every", "2", "--moe-decoder-layers", "1"], "--moe-every"),
+        (["--moe-encoder-layers", "", "--moe-decoder-layers", ""], "no layer is a MoE layer"),
+        (["--moe-every", "1", "--moe-expert-count", "6", "--moe-clusters", "4"], "--moe-clusters"),
+    ],
+)
 def test_invalid_placement_and_options_fail_at_build(extra, flag):
     with pytest.raises(ValueError, match=flag):
         build("moec_transformer", extra)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--moe-expert-count", "8", "--moe-clusters", "3"], "--moe-clusters: must be >= 1 and divide"),
-    (["--cluster-dropout", "1.2"], "--cluster-dropout: must be in [0, 1)"),
-    (["--moe-router", "hash"], "invalid choice: 'hash'"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--moe-expert-count", "8", "--moe-clusters", "3"], "--moe-clusters: must be >= 1 and divide"),
+        (["--cluster-dropout", "1.2"], "--cluster-dropout: must be in [0, 1)"),
+        (["--moe-router", "hash"], "invalid choice: 'hash'"),
+    ],
+)
 def test_cli_refuses_bad_flags_before_training(tiny_corpus, tmp_path, extra, message):
     _, _, data_bin = tiny_corpus
-    proc = run([cli("fairseq-train"), data_bin, "--user-dir", PLUGIN, "--task", "translation_moec",
-                "--arch", "moec_transformer_tiny", "--criterion", "moec_label_smoothed_cross_entropy",
-                "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "1000", "--max-update", "2", "--cpu",
-                "--save-dir", tmp_path / "ck", *extra], check=False)
+    proc = run(
+        [
+            cli("fairseq-train"),
+            data_bin,
+            "--user-dir",
+            PLUGIN,
+            "--task",
+            "translation_moec",
+            "--arch",
+            "moec_transformer_tiny",
+            "--criterion",
+            "moec_label_smoothed_cross_entropy",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-3",
+            "--max-tokens",
+            "1000",
+            "--max-update",
+            "2",
+            "--cpu",
+            "--save-dir",
+            tmp_path / "ck",
+            *extra,
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "num_updates" not in proc.stderr  # nothing was trained

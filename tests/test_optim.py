@@ -1,15 +1,18 @@
 """--optimizer torch_adam against fairseq's own Adam (the reference implementation of the same update)."""
+
 import pytest
 import torch
-from fairseq.optim.adam import Adam as FairseqAdamReference, FairseqAdamConfig
+from fairseq.optim.adam import Adam as FairseqAdamReference
+from fairseq.optim.adam import FairseqAdamConfig
 from omegaconf import OmegaConf
 
 from fairseq_moec.optim import TorchAdam
 
 
 def config(**overrides):
-    cfg = OmegaConf.structured(FairseqAdamConfig(adam_betas="(0.9, 0.98)", adam_eps=1e-8, weight_decay=0.01,
-                                                 tpu=False, lr=[2e-3]))
+    cfg = OmegaConf.structured(
+        FairseqAdamConfig(adam_betas="(0.9, 0.98)", adam_eps=1e-8, weight_decay=0.01, tpu=False, lr=[2e-3])
+    )
     for key, value in overrides.items():
         cfg[key] = value
     return cfg

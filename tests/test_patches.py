@@ -1,6 +1,7 @@
 """The patches of fairseq's internals (fairseq_moec/patches/): for each, the failure it fixes, run through
 fairseq's own function (which the patch keeps) and through the patched one; and the refusal of a patch whose
 target is not the one it was written against."""
+
 import argparse
 import errno
 import gc
@@ -51,13 +52,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------- checkpoint_allowlist
 def test_checkpoint_allowlist_lets_torch_load_a_fairseq_checkpoint(tmp_path):
     path = tmp_path / "checkpoint_last.pt"  # what fairseq stores besides tensors: old-style args, numpy scalars
-    torch.save({"args": argparse.Namespace(arch="transformer", lr=[5e-4]), "model": {"w": torch.ones(2)},
-                "extra_state": {"best": np.float64(3.25), "val_loss": np.float32(3.5)}}, path)
+    torch.save(
+        {
+            "args": argparse.Namespace(arch="transformer", lr=[5e-4]),
+            "model": {"w": torch.ones(2)},
+            "extra_state": {"best": np.float64(3.25), "val_loss": np.float32(3.5)},
+        },
+        path,
+    )
     allowed = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     try:
-        torch.serialization.add_safe_globals([g for g in allowed
-                                              if g not in checkpoint_allowlist.FAIRSEQ_CHECKPOINT_GLOBALS])
+        torch.serialization.add_safe_globals(
+            [g for g in allowed if g not in checkpoint_allowlist.FAIRSEQ_CHECKPOINT_GLOBALS]
+        )
         with pytest.raises(pickle.UnpicklingError, match="weights_only"):
             torch.load(path, weights_only=True)
     finally:
@@ -100,8 +108,12 @@ def test_peer_broadcast_lets_other_processes_unpickle_the_checkpoint_process_0_s
 # ---------------------------------------------------------------------------------------------- last_batch
 def test_last_batch_keeps_the_batch_the_fork_drops():
     """13 sentences, batches of at most 8 in multiples of 8: 8 + 5."""
-    args = {"num_tokens_fn": None, "num_tokens_vec": np.full(13, 4), "max_sentences": 8,
-            "required_batch_size_multiple": 8}
+    args = {
+        "num_tokens_fn": None,
+        "num_tokens_vec": np.full(13, 4),
+        "max_sentences": 8,
+        "required_batch_size_multiple": 8,
+    }
     fork = last_batch.fork_batch_by_size(np.arange(13), **args)
     assert sum(len(b) for b in fork) == 8  # 5 sentences never translated or validated
     kept = data_utils.batch_by_size(np.arange(13), **args)
@@ -155,8 +167,13 @@ def test_torchrun_cpu_joins_the_processes_of_torchrun(torchrun_process_1):
     for world_size in (1, 2):
         cfg = distributed_cfg(world_size)
         distributed_utils.infer_init_method(cfg)
-        assert (cfg.distributed_init_method, cfg.distributed_world_size, cfg.distributed_rank, cfg.device_id,
-                cfg.ddp_backend) == ("env://", 2, 1, 0, "legacy_ddp")
+        assert (
+            cfg.distributed_init_method,
+            cfg.distributed_world_size,
+            cfg.distributed_rank,
+            cfg.device_id,
+            cfg.ddp_backend,
+        ) == ("env://", 2, 1, 0, "legacy_ddp")
 
 
 # ----------------------------------------------------------------------------------------- bf16_without_tpu
@@ -167,8 +184,9 @@ def test_bf16_without_tpu_trains_in_bf16_instead_of_looking_for_a_tpu():
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     def cfg():
-        args = options.parse_args_and_arch(options.get_training_parser(),
-                                           ["data", "--arch", "transformer", "--bf16", "--cpu"])
+        args = options.parse_args_and_arch(
+            options.get_training_parser(), ["data", "--arch", "transformer", "--bf16", "--cpu"]
+        )
         return convert_namespace_to_omegaconf(args)
 
     trained = []
@@ -198,10 +216,14 @@ def fake_trainer(suffix="", calls=None):
     file, as fairseq's Trainer does."""
     calls = [] if calls is None else calls
     return SimpleNamespace(
-        checkpoint_suffix=suffix, lr_step=lambda epoch: None, task=None,
-        load_checkpoint=lambda path, *a, **k: calls.append(path) or (
-            {"train_iterator": {"epoch": 2}} if os.path.isfile(path) else None),
-        get_train_iterator=lambda epoch, **k: SimpleNamespace(epoch=epoch, load_state_dict=lambda s: None))
+        checkpoint_suffix=suffix,
+        lr_step=lambda epoch: None,
+        task=None,
+        load_checkpoint=lambda path, *a, **k: (
+            calls.append(path) or ({"train_iterator": {"epoch": 2}} if os.path.isfile(path) else None)
+        ),
+        get_train_iterator=lambda epoch, **k: SimpleNamespace(epoch=epoch, load_state_dict=lambda s: None),
+    )
 
 
 def test_fresh_start_is_refused_where_fairseq_would_overwrite_checkpoints(tmp_path):
@@ -211,8 +233,11 @@ def test_fresh_start_is_refused_where_fairseq_would_overwrite_checkpoints(tmp_pa
     _, epoch_itr = fresh_start.fairseq_load_checkpoint(cfg, fake_trainer(calls=calls))
     assert epoch_itr.epoch == 1 and calls == [str(tmp_path / "checkpoint_last.pt")]  # from scratch
     for suffix in ("", "-expert-rank1"):  # process 1 of an expert-parallel run checks the main file too
-        with pytest.raises(ConfigError, match=r"holds 1 checkpoint file\(s\) \(checkpoint_best.pt\) but no "
-                                              r"checkpoint_last.pt"):
+        with pytest.raises(
+            ConfigError,
+            match=r"holds 1 checkpoint file\(s\) \(checkpoint_best.pt\) but no "
+            r"checkpoint_last.pt",
+        ):
             checkpoint_utils.load_checkpoint(cfg, fake_trainer(suffix))
     (tmp_path / "checkpoint_last.pt").write_bytes(b"x")
     for suffix in ("", "-expert-rank1"):  # a resume: no refusal
@@ -262,8 +287,7 @@ def test_one_line_errors_print_a_config_error_as_argparse_does(monkeypatch, caps
     with pytest.raises(SystemExit) as exit:
         sys.excepthook(type(error), error, error.__traceback__)
     assert exit.value.code == 2
-    assert capsys.readouterr().err == "fairseq-train: error: --moe-clusters: must divide --moe-expert-count=8, " \
-                                      "got 3\n"
+    assert capsys.readouterr().err == "fairseq-train: error: --moe-clusters: must divide --moe-expert-count=8, got 3\n"
     seen = []  # any other exception keeps its traceback
     monkeypatch.setattr(one_line_errors, "previous_excepthook", lambda *a: seen.append(a[1]))
     sys.excepthook(KeyError, KeyError("bug"), None)
@@ -280,8 +304,10 @@ def test_one_line_errors_under_fairseq_hydra_train(monkeypatch, capsys):
     assert "Error executing job" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit:
         _ = job.return_value
-    assert exit.value.code == 2 and capsys.readouterr().err == "fairseq-hydra-train: error: --moe-cluster-weight: " \
-                                                               "got nan\n"
+    assert (
+        exit.value.code == 2
+        and capsys.readouterr().err == "fairseq-hydra-train: error: --moe-cluster-weight: got nan\n"
+    )
     assert JobReturn(status=JobStatus.COMPLETED, _return_value=5).return_value == 5
 
 
@@ -315,12 +341,19 @@ def test_expert_parallel_trainer_saves_every_process_to_its_own_file(monkeypatch
     on it, and would give it process 0's file name."""
     monkeypatch.setattr(distributed_utils, "get_data_parallel_rank", lambda: 1)
     trainer = Trainer.__new__(Trainer)  # the properties read cfg and the model only
-    trainer.cfg = OmegaConf.create({"distributed_training": {"distributed_world_size": 2, "ddp_backend": "c10d"},
-                                    "model": {}, "checkpoint": {"checkpoint_suffix": ""}})
+    trainer.cfg = OmegaConf.create(
+        {
+            "distributed_training": {"distributed_world_size": 2, "ddp_backend": "c10d"},
+            "model": {},
+            "checkpoint": {"checkpoint_suffix": ""},
+        }
+    )
     trainer._model = torch.nn.Module()
     fairseq = expert_parallel_trainer.fairseq_trainer
-    for ep, fairseq_saves, saves, suffix in [(None, False, False, ""),
-                                             (ExpertParallel(rank=1, world_size=2), False, True, "-expert-rank1")]:
+    for ep, fairseq_saves, saves, suffix in [
+        (None, False, False, ""),
+        (ExpertParallel(rank=1, world_size=2), False, True, "-expert-rank1"),
+    ]:
         trainer._model.expert_parallel = ep
         assert fairseq["should_save_checkpoint_on_current_rank"].fget(trainer) is fairseq_saves
         assert fairseq["checkpoint_suffix"].fget(trainer) == ""
@@ -335,15 +368,20 @@ def test_every_patch_refuses_another_fairseq_version(patch, monkeypatch):
     monkeypatch.setattr(fairseq, "__version__", "0.12.2")
     with pytest.raises(PatchRefused) as e:
         patch.check()
-    assert str(e.value).startswith(f"fairseq_moec: patch {patch.PATCH.name} expects fairseq 0.12.3.1 "
-                                   f"(fairseq-fixed), found fairseq 0.12.2; without it {patch.PATCH.fixes}. ")
+    assert str(e.value).startswith(
+        f"fairseq_moec: patch {patch.PATCH.name} expects fairseq 0.12.3.1 "
+        f"(fairseq-fixed), found fairseq 0.12.2; without it {patch.PATCH.fixes}. "
+    )
 
 
 def test_a_target_of_another_shape_is_refused_and_nothing_is_replaced(monkeypatch):
     monkeypatch.setattr(data_utils, "batch_by_size", lambda indices, max_tokens=None: [indices])
-    with pytest.raises(PatchRefused, match=r"^fairseq_moec: patch last_batch expects fairseq\.data\.data_utils\."
-                                           r"batch_by_size\(indices, num_tokens_fn, .*fixed_shapes\), found "
-                                           r"\(indices, max_tokens\); without it fairseq-generate"):
+    with pytest.raises(
+        PatchRefused,
+        match=r"^fairseq_moec: patch last_batch expects fairseq\.data\.data_utils\."
+        r"batch_by_size\(indices, num_tokens_fn, .*fixed_shapes\), found "
+        r"\(indices, max_tokens\); without it fairseq-generate",
+    ):
         last_batch.check()
     monkeypatch.delattr(torch.serialization, "add_safe_globals")
     with pytest.raises(PatchRefused, match="expects torch.serialization.add_safe_globals, found no such attribute"):
@@ -364,10 +402,18 @@ def test_a_target_of_another_shape_is_refused_and_nothing_is_replaced(monkeypatc
 
 
 def test_install_logs_one_line_per_patch_once():
-    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(name)s | "
-            "%(message)s'); import fairseq_moec; from fairseq_moec import patches; patches.install()")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(name)s | "
+        "%(message)s'); import fairseq_moec; from fairseq_moec import patches; patches.install()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    ).stdout
     lines = [line for line in out.splitlines() if line.startswith("fairseq_moec.patches | ")]
     assert [line.split(" | ")[1].split(":")[0] for line in lines] == [p.PATCH.name for p in patches.PATCHES]
     assert all(" replaced " in line or " added " in line for line in lines)

@@ -1,5 +1,6 @@
 """fairseq_moec.pipeline, the steps the demo, the study, the benchmarks and the WMT scripts share: each checked
 against a hand-made expectation."""
+
 import gzip
 import json
 import re
@@ -65,15 +66,22 @@ def test_hypotheses_in_input_order_and_every_gap_named():
         hypotheses.hypotheses(lines, 2)
     with pytest.raises(files.PipelineError, match="two hypotheses for sentence 0"):
         hypotheses.hypotheses(lines + ["H-0\t-1\t▁b"], 3)
-    assert hypotheses.generation_speed(GENERATE) == {"sentences": 3, "tokens": 7, "seconds": 0.5,
-                                                      "sentences_per_s": 6.0, "tokens_per_s": 14.0}
+    assert hypotheses.generation_speed(GENERATE) == {
+        "sentences": 3,
+        "tokens": 7,
+        "seconds": 0.5,
+        "sentences_per_s": 6.0,
+        "tokens_per_s": 14.0,
+    }
 
 
 def test_parse_log_keeps_the_last_record_of_an_update(tmp_path):
     log = tmp_path / "train.log"
-    log.write_text('noise\n2026 | INFO | train_inner | {"epoch": 1, "loss": "5.0", "num_updates": "10", "wps": "9"}\n'
-                   '{"loss": "4.0", "num_updates": "10"}\n{"valid_loss": "6", "valid_num_updates": "10"}\n'
-                   '{"train_loss": "3", "train_num_updates": "10"}\n{"broken": \n')
+    log.write_text(
+        'noise\n2026 | INFO | train_inner | {"epoch": 1, "loss": "5.0", "num_updates": "10", "wps": "9"}\n'
+        '{"loss": "4.0", "num_updates": "10"}\n{"valid_loss": "6", "valid_num_updates": "10"}\n'
+        '{"train_loss": "3", "train_num_updates": "10"}\n{"broken": \n'
+    )
     parsed = logs.parse_log(log)
     assert [r["loss"] for r in parsed["train_inner"]] == ["4.0"]
     assert [r["valid_loss"] for r in parsed["valid"]] == ["6"]
@@ -82,14 +90,19 @@ def test_parse_log_keeps_the_last_record_of_an_update(tmp_path):
 
 def test_code_info_names_the_commit_and_a_dirty_tree(tmp_path):
     def git(*args):
-        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
     git("init", "-q")
     (tmp_path / "f").write_text("1")
     git("add", "f")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
-    assert machine.code_info(tmp_path) == {"git_commit": git("rev-parse", "HEAD"), "git_dirty": False,
-                                           "git_changes": []}
+    assert machine.code_info(tmp_path) == {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": False,
+        "git_changes": [],
+    }
     (tmp_path / "f").write_text("2")
     (tmp_path / "new").write_text("")
     assert machine.code_info(tmp_path)["git_dirty"] is True
@@ -101,8 +114,7 @@ def test_demo_defaults_are_the_small_model():
     """demo.sh (bash) states the small model's sizes as its defaults; the study and bench_e2e take them from
     small_model. A change on one side only would make the three train different models."""
     demo = (ROOT / "scripts" / "demo.sh").read_text()
-    defaults = {name: int(re.search(rf"\${{DEMO_{name.upper()}:-(\d+)}}", demo).group(1))
-                for name in small_model.SIZES}
+    defaults = {name: int(re.search(rf"\${{DEMO_{name.upper()}:-(\d+)}}", demo).group(1)) for name in small_model.SIZES}
     assert defaults == small_model.SIZES == {"layers": 3, "dim": 256, "ffn": 1024, "heads": 4}
     args = small_model.size_args()
     flags = ("--encoder-layers", "--decoder-ffn-embed-dim", "--decoder-attention-heads")

@@ -1,5 +1,6 @@
 """What a careless first week does to a run: changed cluster layouts on resume, numbers that pass validation and
 fail later, lost or empty checkpoints, empty data, and the form of the error messages (one line, no traceback)."""
+
 import math
 import os
 import re
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PLUGIN, TINY_MOEC_ARGS, cli, run
 from fairseq import checkpoint_utils
 
 import fairseq_moec  # noqa: F401  (installs the input checks and the one-line errors)
@@ -15,8 +17,6 @@ from fairseq_moec.criterions.moec_label_smoothed_cross_entropy import MoECLabelS
 from fairseq_moec.modules import ClusterDropout
 from fairseq_moec.modules.config import ConfigError
 from fairseq_moec.modules.dropout import SEED_MULTIPLIER, generator_seed
-
-from conftest import PLUGIN, TINY_MOEC_ARGS, cli, run
 
 
 # ------------------------------------------------------------------------------- cluster dropout on resume
@@ -112,7 +112,7 @@ def test_generator_seed_is_unchanged_where_torch_accepted_it_and_total_elsewhere
     P = SEED_MULTIPLIER
     for seed, layer, period in ((1, 3, 0), (7, 1001, 12), (18_446_632, 1001, 10**6), (-5, 0, 3)):
         raw = (seed * P + layer) * P + period
-        assert -2**63 <= raw < 2**64  # what torch.Generator.manual_seed accepted before
+        assert -(2**63) <= raw < 2**64  # what torch.Generator.manual_seed accepted before
         expected = torch.Generator().manual_seed(raw).initial_seed()
         assert torch.Generator().manual_seed(generator_seed(seed, layer, period)).initial_seed() == expected
     for seed in (18_446_634, 2**40, 2**64 - 1):  # overflowed torch's seed before ("about 1.8e7")
@@ -124,11 +124,19 @@ def test_generator_seed_is_unchanged_where_torch_accepted_it_and_total_elsewhere
 
 
 # ---------------------------------------------------------------------------------------- criterion weights
-@pytest.mark.parametrize("flag,value", [
-    ("moe_balance_weight", -0.01), ("moe_balance_weight", math.inf), ("moe_cluster_weight", math.nan),
-    ("moe_cluster_weight", -1.0), ("moe_z_weight", math.inf), ("moe_z_weight", -1e-3),
-    ("label_smoothing", math.nan), ("label_smoothing", 1.0),
-])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("moe_balance_weight", -0.01),
+        ("moe_balance_weight", math.inf),
+        ("moe_cluster_weight", math.nan),
+        ("moe_cluster_weight", -1.0),
+        ("moe_z_weight", math.inf),
+        ("moe_z_weight", -1e-3),
+        ("label_smoothing", math.nan),
+        ("label_smoothing", 1.0),
+    ],
+)
 def test_criterion_refuses_weights_that_are_not_finite_and_non_negative(flag, value):
     kwargs = dict(task=None, sentence_avg=False, label_smoothing=0.1)
     kwargs[flag] = value
@@ -143,8 +151,18 @@ def test_criterion_accepts_zero_weights():
 
 # ------------------------------------------------------------------------------ starting next to checkpoints
 def checkpoint_cfg(save_dir, **kw):
-    return SimpleNamespace(**dict(dict(save_dir=str(save_dir), restore_file="checkpoint_last.pt", no_save=False,
-                                       finetune_from_model=None, continue_once=None), **kw))
+    return SimpleNamespace(
+        **dict(
+            dict(
+                save_dir=str(save_dir),
+                restore_file="checkpoint_last.pt",
+                no_save=False,
+                finetune_from_model=None,
+                continue_once=None,
+            ),
+            **kw,
+        )
+    )
 
 
 def touch(path, data=b"x", age=0.0):
@@ -172,8 +190,19 @@ def test_fresh_start_only_shards_or_empty_files(tmp_path):
         input_checks.refuse_start_from_scratch(checkpoint_cfg(tmp_path))
 
 
-@pytest.mark.parametrize("case", ["fresh dir", "missing dir", "resume", "expert-parallel resume", "no-save",
-                                  "restore-file", "finetune", "other files"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "fresh dir",
+        "missing dir",
+        "resume",
+        "expert-parallel resume",
+        "no-save",
+        "restore-file",
+        "finetune",
+        "other files",
+    ],
+)
 def test_what_keeps_working(tmp_path, case):
     cfg = checkpoint_cfg(tmp_path)
     if case == "missing dir":
@@ -254,10 +283,13 @@ TRAIN = [*TINY_MOEC_ARGS, "--max-update", "2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags,message", [
-    (["--moe-expert-count", "8", "--moe-clusters", "3"], "--moe-clusters: must be >= 1 and divide"),
-    (["--moe-cluster-weight", "nan"], "--moe-cluster-weight: must be a finite number >= 0, got nan"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--moe-expert-count", "8", "--moe-clusters", "3"], "--moe-clusters: must be >= 1 and divide"),
+        (["--moe-cluster-weight", "nan"], "--moe-cluster-weight: must be a finite number >= 0, got nan"),
+    ],
+)
 def test_train_prints_a_bad_flag_as_one_line(tiny_corpus, tmp_path, flags, message):
     _, _, data_bin = tiny_corpus
     proc = run([cli("fairseq-train"), data_bin, *TRAIN, "--save-dir", tmp_path, *flags], check=False)
@@ -270,8 +302,10 @@ def test_train_prints_a_bad_flag_as_one_line(tiny_corpus, tmp_path, flags, messa
 def test_generate_and_interactive_print_an_empty_checkpoint_as_one_line(tiny_corpus, tmp_path, command):
     _, _, data_bin = tiny_corpus
     empty = touch(tmp_path / "checkpoint_last.pt", data=b"")
-    proc = run([cli(command), data_bin, "--user-dir", PLUGIN, "--task", "translation_moec", "--path", empty,
-                "--cpu"], check=False)
+    proc = run(
+        [cli(command), data_bin, "--user-dir", PLUGIN, "--task", "translation_moec", "--path", empty, "--cpu"],
+        check=False,
+    )
     assert_one_line_error(proc, command, f"{empty}: empty file (0 bytes), not a readable checkpoint")
 
 
@@ -287,8 +321,8 @@ optimizer: {{_name: adam}}
 lr_scheduler: {{_name: fixed}}
 optimization: {{lr: [0.002], max_update: 2}}
 dataset: {{max_tokens: 1500, num_workers: 0}}
-checkpoint: {{save_dir: {tmp_path / 'ck'}}}
-hydra: {{run: {{dir: {tmp_path / 'hydra'}}}}}
+checkpoint: {{save_dir: {tmp_path / "ck"}}}
+hydra: {{run: {{dir: {tmp_path / "hydra"}}}}}
 """)
     proc = run([cli("fairseq-hydra-train"), "--config-dir", tmp_path, "--config-name", "run"], check=False)
     assert_one_line_error(proc, "fairseq-hydra-train", "--moe-clusters: must be >= 1 and divide")
@@ -299,8 +333,11 @@ def test_train_refuses_to_start_from_scratch_next_to_a_better_checkpoint(tiny_co
     _, _, data_bin = tiny_corpus
     best = touch(tmp_path / "checkpoint_best.pt", data=b"the better model")
     proc = run([cli("fairseq-train"), data_bin, *TRAIN, "--save-dir", tmp_path], check=False)
-    assert_one_line_error(proc, "fairseq-train", f"--save-dir {tmp_path}: holds 1 checkpoint file(s) "
-                                                 f"(checkpoint_best.pt) but no checkpoint_last.pt")
+    assert_one_line_error(
+        proc,
+        "fairseq-train",
+        f"--save-dir {tmp_path}: holds 1 checkpoint file(s) (checkpoint_best.pt) but no checkpoint_last.pt",
+    )
     assert f"--restore-file {best}" in proc.stderr and "num_updates" not in proc.stderr
     assert best.read_bytes() == b"the better model" and sorted(p.name for p in tmp_path.iterdir()) == [best.name]
 
@@ -318,9 +355,26 @@ def test_train_names_an_empty_checkpoint_last(tiny_corpus, tmp_path):
 def test_train_names_an_empty_training_split(tiny_corpus, tmp_path):
     _, _, data_bin = tiny_corpus
     (tmp_path / "empty.es").write_text(""), (tmp_path / "empty.en").write_text("")
-    run([cli("fairseq-preprocess"), "--source-lang", "es", "--target-lang", "en", "--trainpref", tmp_path / "empty",
-         "--validpref", data_bin.parent / "tok" / "valid", "--srcdict", data_bin / "dict.es.txt",
-         "--joined-dictionary", "--destdir", tmp_path / "bin", "--workers", "1"])
+    run(
+        [
+            cli("fairseq-preprocess"),
+            "--source-lang",
+            "es",
+            "--target-lang",
+            "en",
+            "--trainpref",
+            tmp_path / "empty",
+            "--validpref",
+            data_bin.parent / "tok" / "valid",
+            "--srcdict",
+            data_bin / "dict.es.txt",
+            "--joined-dictionary",
+            "--destdir",
+            tmp_path / "bin",
+            "--workers",
+            "1",
+        ]
+    )
     proc = run([cli("fairseq-train"), tmp_path / "bin", *TRAIN, "--save-dir", tmp_path / "ck"], check=False)
     assert_one_line_error(proc, "fairseq-train", f"{tmp_path / 'bin'}/train.es-en.es.bin: empty data file")
 

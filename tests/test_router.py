@@ -1,4 +1,5 @@
 """Top-k selection with cluster dropout against a per-token loop of the documented rules."""
+
 import math
 
 import pytest

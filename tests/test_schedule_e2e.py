@@ -5,10 +5,11 @@ fairseq numbers updates from 0: the update numbered u (the one after which the c
 written) trains with the mask of resample period u // I, I = --cluster-dropout-interval. If the update number
 never reaches the MoE layers, every mask stays at period 0.
 """
+
 import torch
+from conftest import TINY_MOEC_ARGS, cli, run
 
 import fairseq_moec  # noqa: F401  (allowlists the globals of fairseq checkpoints for torch.load)
-from conftest import TINY_MOEC_ARGS, cli, run
 
 INTERVAL, UPDATES, SAVE_EVERY = 2, 6, 2
 LAYERS = ["decoder.layers.1.fc1.moe.cluster_dropout", "encoder.layers.1.fc1.moe.cluster_dropout"]
@@ -24,8 +25,21 @@ def saved_schedule(path):
 
 def test_training_resamples_the_masks_every_interval_updates(tiny_corpus, tmp_path):
     _, _, data_bin = tiny_corpus
-    run([cli("fairseq-train"), data_bin, *TINY_MOEC_ARGS, "--cluster-dropout-interval", str(INTERVAL),
-         "--max-update", str(UPDATES), "--save-interval-updates", str(SAVE_EVERY), "--save-dir", tmp_path])
+    run(
+        [
+            cli("fairseq-train"),
+            data_bin,
+            *TINY_MOEC_ARGS,
+            "--cluster-dropout-interval",
+            str(INTERVAL),
+            "--max-update",
+            str(UPDATES),
+            "--save-interval-updates",
+            str(SAVE_EVERY),
+            "--save-dir",
+            tmp_path,
+        ]
+    )
 
     saved_at = range(SAVE_EVERY, UPDATES + 1, SAVE_EVERY)
     schedules = {u: saved_schedule(tmp_path / f"checkpoint_1_{u}.pt") for u in saved_at}

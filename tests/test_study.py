@@ -1,17 +1,18 @@
 """scripts/study.py and study_report.py without training: the plan, the commands, log parsing, the allocation
 numbers, the tables with real sacrebleu paired tests, and run-level resumability."""
+
 import json
 from pathlib import Path
 
 import pytest
-
 import study
 import study_report
 
 
 def args_of(tmp_path, *extra):
-    return study.parse_args(["--out", str(tmp_path / "out"), "--device", "cpu", "--plot-dir", str(tmp_path / "img"),
-                             *extra])
+    return study.parse_args(
+        ["--out", str(tmp_path / "out"), "--device", "cpu", "--plot-dir", str(tmp_path / "img"), *extra]
+    )
 
 
 def flag(cmd, name):
@@ -25,24 +26,38 @@ def test_plan_runs_and_their_flags(tmp_path):
     assert len([r for r in runs.values() if not r.evaluate_of]) == 2 * 5 + 3
     cmd = [str(c) for c in study.train_cmd(args, runs["moec32-s2"], Path("bin"), tmp_path)]
     # MoEC: clusters of 8 (G = 4 at E = 32), dropout 0.5, and the cluster weight is the plugin's default
-    assert (flag(cmd, "--moe-expert-count"), flag(cmd, "--moe-clusters"), flag(cmd, "--cluster-dropout")) == \
-        ("32", "4", "0.5")
+    assert (flag(cmd, "--moe-expert-count"), flag(cmd, "--moe-clusters"), flag(cmd, "--cluster-dropout")) == (
+        "32",
+        "4",
+        "0.5",
+    )
     assert "--moe-cluster-weight" not in cmd and flag(cmd, "--seed") == flag(cmd, "--moe-seed") == "2"
-    assert flag([str(c) for c in study.train_cmd(args, runs["moec8-s1"], Path("bin"), tmp_path)],
-                "--moe-clusters") == "2"  # at least 2 clusters
+    assert (
+        flag([str(c) for c in study.train_cmd(args, runs["moec8-s1"], Path("bin"), tmp_path)], "--moe-clusters") == "2"
+    )  # at least 2 clusters
     moe = [str(c) for c in study.train_cmd(args, runs["moe32-s1"], Path("bin"), tmp_path)]
-    assert (flag(moe, "--moe-clusters"), flag(moe, "--cluster-dropout"), flag(moe, "--moe-cluster-weight")) == \
-        ("1", "0.0", "0")
+    assert (flag(moe, "--moe-clusters"), flag(moe, "--cluster-dropout"), flag(moe, "--moe-cluster-weight")) == (
+        "1",
+        "0.0",
+        "0",
+    )
     dense = [str(c) for c in study.train_cmd(args, runs["dense-s1"], Path("bin"), tmp_path)]
     assert flag(dense, "--arch") == "transformer" and "--moe-expert-count" not in dense
-    for name, expect in (("moec32-lossonly-s1", ("0.0", None, None)), ("moec32-droponly-s1", ("0.5", "0", None)),
-                         ("moec32-official-s1", ("0.5", "0.01", "official"))):
+    for name, expect in (
+        ("moec32-lossonly-s1", ("0.0", None, None)),
+        ("moec32-droponly-s1", ("0.5", "0", None)),
+        ("moec32-official-s1", ("0.5", "0.01", "official")),
+    ):
         c = [str(x) for x in study.train_cmd(args, runs[name], Path("bin"), tmp_path)]
-        assert (flag(c, "--cluster-dropout"), flag(c, "--moe-cluster-weight"), flag(c, "--moe-cluster-loss-norm")) \
-            == expect, name
+        assert (
+            flag(c, "--cluster-dropout"),
+            flag(c, "--moe-cluster-weight"),
+            flag(c, "--moe-cluster-loss-norm"),
+        ) == expect, name
     # every run trains the same number of updates with the same schedule
-    assert {flag([str(c) for c in study.train_cmd(args, r, Path("b"), tmp_path)], "--max-update")
-            for r in runs.values()} == {"1200"}
+    assert {
+        flag([str(c) for c in study.train_cmd(args, r, Path("b"), tmp_path)], "--max-update") for r in runs.values()
+    } == {"1200"}
     assert runs["moec32-s1-keepmask"].evaluate_of == "moec32-s1"
 
 
@@ -66,8 +81,11 @@ def write_log(path, valid, train):
 
 def test_summarize_by_hand(tmp_path):
     log = tmp_path / "train.log"
-    write_log(log, valid=[(100, 6.0), (200, 9.0), (300, 5.5), (200, 5.0)],
-              train=[(50, 7.0), (150, 6.5), (250, 4.0), (300, 3.0)])
+    write_log(
+        log,
+        valid=[(100, 6.0), (200, 9.0), (300, 5.5), (200, 5.0)],
+        train=[(50, 7.0), (150, 6.5), (250, 4.0), (300, 3.0)],
+    )
     s = study_report.summarize(log)
     assert s["curve"] == [(100, 6.0), (200, 5.0), (300, 5.5)]
     assert (s["best_valid"], s["best_update"], s["final_valid"], s["last_update"]) == (5.0, 200, 5.5, 300)
@@ -81,7 +99,7 @@ def test_allocation_by_hand():
     a = study_report.allocation(summary)["enc1"]
     # mean 0.25, population std sqrt((0.0625 + 0.0025 + 0.0225 * 2) / 4) = sqrt(0.0275); half the even share 0.125
     assert (a["min"], a["max"], a["below_half_even"]) == (0.1, 0.5, 2)
-    assert a["cv"] == pytest.approx(0.0275 ** 0.5 / 0.25)
+    assert a["cv"] == pytest.approx(0.0275**0.5 / 0.25)
 
 
 def fake_done(out, name, hyps, bleu):
@@ -129,3 +147,22 @@ def test_finished_run_is_skipped_and_changed_settings_refused(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="other settings"):
         study.do_run(args, runs["moe8-s1"], Path(args.out) / "data")
     assert calls == []
+
+
+def test_export_keeps_what_rebuilds_the_report(tmp_path):
+    """The exported copy (no checkpoints) gives the same results.md as the working directory."""
+    out, exported = tmp_path / "out", tmp_path / "exported"
+    refs = [f"line {i} of the test set" for i in range(12)]
+    (out / "data" / "raw").mkdir(parents=True)
+    (out / "data" / "raw" / "test.en").write_text("".join(r + "\n" for r in refs))
+    fake_done(out, "moe8-s1", [r.replace("test", "best") for r in refs], 40.0)
+    fake_done(out, "moec8-s1", refs, 100.0)
+    (out / "runs" / "moec8-s1" / "checkpoints").mkdir()
+    (out / "runs" / "moec8-s1" / "checkpoints" / "checkpoint_best.pt").write_bytes(b"big")
+    (out / "runs" / "moe32-s1").mkdir()  # unfinished: nothing of it is exported
+    (out / "runs" / "moe32-s1" / "train.log").write_text("")
+    copied = study_report.export(out, study.plan((1,)), exported)
+    assert "runs/moec8-s1/hyp.txt" in copied and not any("moe32" in c or "checkpoint" in c for c in copied)
+    study_report.write(out, study.plan((1,)), 1200, tmp_path / "img")
+    study_report.write(exported, study.plan((1,)), 1200, tmp_path / "img2")
+    assert (exported / "results.md").read_text() == (out / "results.md").read_text()

@@ -4,6 +4,7 @@ gets a result: batches, empty lines and lines longer than the model's source pos
 
 References are independent of the raw-text path: fairseq-generate on the test set that conftest encoded with
 the sentencepiece library and binarized with fairseq-preprocess, one sentence a batch."""
+
 import logging
 import os
 import re
@@ -11,7 +12,6 @@ import subprocess
 
 import pytest
 import sentencepiece as spm
-
 from conftest import PLUGIN, cli, run
 from test_expert_parallel import load_script
 
@@ -39,18 +39,57 @@ def long_line(test_es, tiny_corpus):
 def generated(tiny_moec_checkpoint):
     """{test line number: detokenized hypothesis} from fairseq-generate."""
     checkpoint, data_bin = tiny_moec_checkpoint
-    proc = run([cli("fairseq-generate"), data_bin, "--user-dir", PLUGIN, "--task", "translation_moec",
-                "--path", checkpoint, *GENERATION, "--batch-size", "1", "--remove-bpe", "sentencepiece", "--cpu"])
+    proc = run(
+        [
+            cli("fairseq-generate"),
+            data_bin,
+            "--user-dir",
+            PLUGIN,
+            "--task",
+            "translation_moec",
+            "--path",
+            checkpoint,
+            *GENERATION,
+            "--batch-size",
+            "1",
+            "--remove-bpe",
+            "sentencepiece",
+            "--cpu",
+        ]
+    )
     return {int(i): text for i, text in re.findall(r"^D-(\d+)\t[^\t]*\t(.*)$", proc.stdout, flags=re.M)}
 
 
 def interactive(tiny_corpus, checkpoint, lines, *extra):
     _, spm_model, data_bin = tiny_corpus
-    cmd = [cli("fairseq-interactive"), data_bin, "--user-dir", PLUGIN, "--task", "translation_moec", "--path",
-           checkpoint, "--source-lang", "es", "--target-lang", "en", "--bpe", "sentencepiece",
-           "--sentencepiece-model", spm_model, *GENERATION, "--cpu", *extra]
-    return subprocess.run([str(c) for c in cmd], input="".join(line + "\n" for line in lines), capture_output=True,
-                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        cli("fairseq-interactive"),
+        data_bin,
+        "--user-dir",
+        PLUGIN,
+        "--task",
+        "translation_moec",
+        "--path",
+        checkpoint,
+        "--source-lang",
+        "es",
+        "--target-lang",
+        "en",
+        "--bpe",
+        "sentencepiece",
+        "--sentencepiece-model",
+        spm_model,
+        *GENERATION,
+        "--cpu",
+        *extra,
+    ]
+    return subprocess.run(
+        [str(c) for c in cmd],
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def test_interactive_translates_every_raw_line(tiny_corpus, tiny_moec_checkpoint, test_es, long_line, generated):
@@ -61,8 +100,10 @@ def test_interactive_translates_every_raw_line(tiny_corpus, tiny_moec_checkpoint
     # batches of 3 lines: the empty and the long line share batches with ordinary ones
     proc = interactive(tiny_corpus, checkpoint, lines, "--buffer-size", "3", "--batch-size", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = {kind: dict((int(i), rest) for i, rest in re.findall(rf"^{kind}-(\d+)\t(.*)$", proc.stdout, flags=re.M))
-           for kind in "SHD"}
+    out = {
+        kind: dict((int(i), rest) for i, rest in re.findall(rf"^{kind}-(\d+)\t(.*)$", proc.stdout, flags=re.M))
+        for kind in "SHD"
+    }
     assert sorted(out["D"]) == list(range(len(lines)))  # no line skipped
 
     for i, j in test_line.items():
@@ -75,11 +116,14 @@ def test_interactive_translates_every_raw_line(tiny_corpus, tiny_moec_checkpoint
     assert out["D"][2] == "0.0\t" and out["H"][2] == "0.0\t"  # an empty line: an empty translation
 
     # the long line: cut to the model's positions (its last one for the end of sentence), said on stderr
-    assert out["S"][3].split() == sp.encode(long_line, out_type=str)[:MAX_SOURCE_POSITIONS - 1]
+    assert out["S"][3].split() == sp.encode(long_line, out_type=str)[: MAX_SOURCE_POSITIONS - 1]
     assert out["D"][3].split("\t")[1] != ""
-    assert re.search(rf"an input of {len(sp.encode(long_line)) + 1} tokens .* is longer than the "
-                     rf"{MAX_SOURCE_POSITIONS} source positions allowed .*: translating its first "
-                     rf"{MAX_SOURCE_POSITIONS - 1} tokens only", proc.stderr)
+    assert re.search(
+        rf"an input of {len(sp.encode(long_line)) + 1} tokens .* is longer than the "
+        rf"{MAX_SOURCE_POSITIONS} source positions allowed .*: translating its first "
+        rf"{MAX_SOURCE_POSITIONS - 1} tokens only",
+        proc.stderr,
+    )
 
 
 def hub(tiny_corpus, checkpoint):
@@ -87,12 +131,18 @@ def hub(tiny_corpus, checkpoint):
 
     _, spm_model, data_bin = tiny_corpus
     return MoECTransformerModel.from_pretrained(
-        str(checkpoint.parent), checkpoint_file=checkpoint.name, data_name_or_path=str(data_bin),
-        bpe="sentencepiece", sentencepiece_model=str(spm_model), max_len_b=20)
+        str(checkpoint.parent),
+        checkpoint_file=checkpoint.name,
+        data_name_or_path=str(data_bin),
+        bpe="sentencepiece",
+        sentencepiece_model=str(spm_model),
+        max_len_b=20,
+    )
 
 
-def test_hub_translates_a_batch_an_empty_and_a_long_sentence(tiny_corpus, tiny_moec_checkpoint, test_es, long_line,
-                                                             generated, caplog):
+def test_hub_translates_a_batch_an_empty_and_a_long_sentence(
+    tiny_corpus, tiny_moec_checkpoint, test_es, long_line, generated, caplog
+):
     model = hub(tiny_corpus, tiny_moec_checkpoint[0])
     assert model.translate(test_es[0], beam=2) == generated[0]
     assert model.translate([test_es[1], "", test_es[2]], beam=2) == [generated[1], "", generated[2]]
@@ -107,8 +157,9 @@ def test_hub_translates_a_batch_an_empty_and_a_long_sentence(tiny_corpus, tiny_m
     assert f"is longer than the {MAX_SOURCE_POSITIONS} source positions allowed" in caplog.text
 
 
-def test_hub_on_an_expert_parallel_checkpoint_consolidated_to_one_file(tiny_corpus, tiny_moec_checkpoint, test_es,
-                                                                       generated, tmp_path):
+def test_hub_on_an_expert_parallel_checkpoint_consolidated_to_one_file(
+    tiny_corpus, tiny_moec_checkpoint, test_es, generated, tmp_path
+):
     consolidate = load_script("consolidate_checkpoint")
     sharded = tmp_path / "ep" / "checkpoint_last.pt"
     consolidate.main([str(tiny_moec_checkpoint[0]), "--world-size", "2", "-o", str(sharded)])  # as 2 processes save

@@ -4,6 +4,7 @@ and ``LayerRouting``, which accumulates one MoE layer's routing over batches int
 Plain torch (no fairseq), so that every number can be checked by hand. Load counts every routing choice (k per
 token for top-k models) as the training statistics do.
 """
+
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -76,14 +77,15 @@ def cluster_mass_variances(mean_probs: torch.Tensor, num_clusters: int) -> Tuple
 def positions_to_tokens(positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Token ids of routed positions. ``tokens`` is the batch [B, L] (fairseq's src_tokens or
     prev_output_tokens); the MoE layer saw its input time-major [L, B, d] flattened, so position p is
-    (l, b) = divmod(p, B)."""
+    (t, b) = divmod(p, B)."""
     B = tokens.shape[0]
-    l, b = positions // B, positions % B
-    return tokens[b, l]
+    t, b = positions // B, positions % B
+    return tokens[b, t]
 
 
-def token_expert_counts(token_ids: torch.Tensor, experts: torch.Tensor, vocab_size: int,
-                        num_experts: int) -> torch.Tensor:
+def token_expert_counts(
+    token_ids: torch.Tensor, experts: torch.Tensor, vocab_size: int, num_experts: int
+) -> torch.Tensor:
     """[V, E] int64: how often token v was routed to expert e (all k choices of every token)."""
     k = experts.shape[1] if experts.dim() == 2 else 1
     tok = token_ids.long().cpu().repeat_interleave(k)
@@ -91,8 +93,9 @@ def token_expert_counts(token_ids: torch.Tensor, experts: torch.Tensor, vocab_si
     return torch.bincount(flat, minlength=vocab_size * num_experts).view(vocab_size, num_experts)
 
 
-def top_tokens_per_expert(counts: torch.Tensor, n: int, exclude: Sequence[int] = ()
-                          ) -> List[List[Tuple[int, int, float]]]:
+def top_tokens_per_expert(
+    counts: torch.Tensor, n: int, exclude: Sequence[int] = ()
+) -> List[List[Tuple[int, int, float]]]:
     """For every expert, its ``n`` most frequent tokens as (token id, count, share); share = the fraction of that
     token's routings that went to this expert (1.0 = the expert gets every occurrence). Ties: lower id first.
     Tokens in ``exclude`` (e.g. padding) are skipped; tokens never routed to the expert are not listed."""

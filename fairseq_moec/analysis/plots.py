@@ -1,6 +1,7 @@
 """The pictures of the routing analysis, from the per-layer summaries (matplotlib, Agg backend):
 load_heatmap.png (token share per expert, cluster boundaries marked), co_routing.png (top-2 experts in one cluster,
 against chance) and cluster_load.png (token share per cluster)."""
+
 from typing import Dict
 
 import numpy as np
@@ -8,11 +9,14 @@ import numpy as np
 
 def _pyplot():
     import logging
+
     for name in ("matplotlib", "PIL"):  # an imported module may have put the root logger on DEBUG
         logging.getLogger(name).setLevel(logging.WARNING)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -22,7 +26,7 @@ def plot_load_heatmap(layers: Dict[str, Dict], path: str) -> None:
     E = max(s["num_experts"] for s in layers.values())
     data = np.full((len(names), E), np.nan)
     for i, name in enumerate(names):
-        data[i, :layers[name]["num_experts"]] = layers[name]["load"]
+        data[i, : layers[name]["num_experts"]] = layers[name]["load"]
     fig, ax = plt.subplots(figsize=(min(3 + 0.45 * E, 14), max(2.8, 1.6 + 0.55 * len(names))))
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax.set_yticks(range(len(names)), names)
@@ -42,8 +46,15 @@ def plot_load_heatmap(layers: Dict[str, Dict], path: str) -> None:
         for i in range(len(names)):
             for e in range(E):
                 if np.isfinite(data[i, e]):
-                    ax.text(e, i, f"{data[i, e]:.2f}", ha="center", va="center", fontsize=8,
-                            color="black" if data[i, e] > 0.6 * vmax else "white")
+                    ax.text(
+                        e,
+                        i,
+                        f"{data[i, e]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="black" if data[i, e] > 0.6 * vmax else "white",
+                    )
     fig.colorbar(im, ax=ax, label="fraction of tokens")
     ax.set_title(f"Expert load per MoE layer (even = 1/{E} = {1 / E:.3g})")
     fig.tight_layout()

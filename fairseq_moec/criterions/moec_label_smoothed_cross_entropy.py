@@ -1,12 +1,14 @@
 """Label-smoothed cross-entropy plus the weighted MoE losses, with per-layer routing metrics in the logs."""
+
 import math
 from dataclasses import dataclass, field
 
-import torch
 from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
-    LabelSmoothedCrossEntropyCriterion, LabelSmoothedCrossEntropyCriterionConfig)
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
 
 from ..modules.config import ConfigError
 
@@ -19,7 +21,16 @@ ROUTING_STATS = ("load_cv", "load_entropy", "dropped_frac", "rerouted_frac", "in
 @dataclass
 class MoECCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
     moe_balance_weight: float = field(default=0.01, metadata={"help": "weight of the Switch load-balance loss"})
-    moe_cluster_weight: float = field(default=0.01, metadata={"help": "weight of the cluster variance loss (only layers with --moe-clusters > 1). With the default --moe-cluster-loss-norm relative it means the same at every --moe-expert-count and batch size; 0.01 = the MoEC paper's gate-loss weight 0.01 x variance coefficient 1.0"})
+    moe_cluster_weight: float = field(
+        default=0.01,
+        metadata={
+            "help": (
+                "weight of the cluster variance loss (only layers with --moe-clusters > 1). With the default "
+                "--moe-cluster-loss-norm relative it means the same at every --moe-expert-count and batch size; "
+                "0.01 = the MoEC paper's gate-loss weight 0.01 x variance coefficient 1.0"
+            )
+        },
+    )
     moe_z_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss (ST-MoE); 0 = off"})
 
 
@@ -29,8 +40,17 @@ class MoECLabelSmoothedCrossEntropy(LabelSmoothedCrossEntropyCriterion):
     (w_balance * L_balance + w_cluster * L_cluster + w_z * L_z). The logged ``loss`` is the CE alone, so
     that it compares with dense models; ``moe_loss`` is the weighted auxiliary part."""
 
-    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 moe_balance_weight=0.01, moe_cluster_weight=0.01, moe_z_weight=0.0):
+    def __init__(
+        self,
+        task,
+        sentence_avg,
+        label_smoothing,
+        ignore_prefix_size=0,
+        report_accuracy=False,
+        moe_balance_weight=0.01,
+        moe_cluster_weight=0.01,
+        moe_z_weight=0.0,
+    ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.weights = {"balance": moe_balance_weight, "cluster": moe_cluster_weight, "z": moe_z_weight}
         for term, w in self.weights.items():  # a negative weight rewards imbalance: routing collapses

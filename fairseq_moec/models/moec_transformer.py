@@ -1,12 +1,16 @@
 """moec_transformer: fairseq's Transformer with MoEC layers in place of chosen FFN blocks."""
+
 from contextvars import ContextVar
 
 import torch.nn as nn
-
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder, TransformerModel
 from fairseq.models.transformer.transformer_legacy import (
-    base_architecture, transformer_iwslt_de_en, transformer_wmt_en_de, transformer_wmt_en_de_big)
+    base_architecture,
+    transformer_iwslt_de_en,
+    transformer_wmt_en_de,
+    transformer_wmt_en_de_big,
+)
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 from ..expert_parallel import expert_parallel_for, local_view, prepare_for_expert_parallel
@@ -48,9 +52,15 @@ def _turn_into_moe(layer, moe: MoELayer) -> None:
 
 def _build_moe(args, cfg: TransformerConfig, side: str, layer_id: int) -> MoELayer:
     sub = cfg.encoder if side == "encoder" else cfg.decoder
-    return MoELayer(MoEConfig.from_namespace(args), sub.embed_dim, sub.ffn_embed_dim, cfg.activation_fn,
-                    float(cfg.activation_dropout or cfg.relu_dropout or 0.0), layer_id,
-                    expert_parallel=_BUILDING_EXPERT_PARALLEL.get())
+    return MoELayer(
+        MoEConfig.from_namespace(args),
+        sub.embed_dim,
+        sub.ffn_embed_dim,
+        cfg.activation_fn,
+        float(cfg.activation_dropout or cfg.relu_dropout or 0.0),
+        layer_id,
+        expert_parallel=_BUILDING_EXPERT_PARALLEL.get(),
+    )
 
 
 class MoECEncoderLayer(TransformerEncoderLayerBase):
@@ -147,6 +157,7 @@ class MoECTransformerModel(TransformerModel):
 
 def _moec_arch(name, dense_arch, **moe_defaults):
     """Register moec_<name>: the dense preset's sizes plus MoE defaults (user flags win)."""
+
     @register_model_architecture("moec_transformer", name)
     def arch(args):
         defaults = dict(moe_defaults)
@@ -154,10 +165,13 @@ def _moec_arch(name, dense_arch, **moe_defaults):
             defaults.pop("moe_encoder_layers", None), defaults.pop("moe_decoder_layers", None)
         fill_defaults(args, MoEPlacement, MoEConfig, **defaults)
         dense_arch(args)
+
     return arch
 
 
-moec_base_architecture = _moec_arch("moec_transformer", base_architecture, moe_encoder_layers="3", moe_decoder_layers="3")
+moec_base_architecture = _moec_arch(
+    "moec_transformer", base_architecture, moe_encoder_layers="3", moe_decoder_layers="3"
+)
 
 
 def _tiny(args):
@@ -175,5 +189,12 @@ _moec_arch("moec_transformer_iwslt_de_en", transformer_iwslt_de_en, moe_encoder_
 _moec_arch("moec_transformer_wmt_en_de", transformer_wmt_en_de, moe_encoder_layers="3", moe_decoder_layers="3")
 # The paper's MT setting: transformer-big, MoE at encoder and decoder layer 3, 64 experts in 8 clusters, each
 # expert 3 stacked FFN sublayers.
-_moec_arch("moec_transformer_wmt_en_de_big", transformer_wmt_en_de_big, moe_encoder_layers="3",
-           moe_decoder_layers="3", moe_expert_count=64, moe_clusters=8, moe_expert_sublayers=3)
+_moec_arch(
+    "moec_transformer_wmt_en_de_big",
+    transformer_wmt_en_de_big,
+    moe_encoder_layers="3",
+    moe_decoder_layers="3",
+    moe_expert_count=64,
+    moe_clusters=8,
+    moe_expert_sublayers=3,
+)

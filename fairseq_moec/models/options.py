@@ -1,4 +1,5 @@
 """Command-line options of the moec_transformer model, generated from the dataclasses that define them."""
+
 import argparse
 import dataclasses
 import typing
@@ -10,9 +11,21 @@ from ..modules.config import ConfigError, MoEConfig
 
 @dataclass
 class MoEPlacement:
-    moe_encoder_layers: str = field(default="", metadata={"help": "comma-separated 0-based encoder layers that get a MoE FFN, e.g. '3' or '1,3,5'"})
-    moe_decoder_layers: str = field(default="", metadata={"help": "comma-separated 0-based decoder layers that get a MoE FFN"})
-    moe_every: int = field(default=0, metadata={"help": "instead of explicit lists: every k-th layer of encoder and decoder is MoE (layers k-1, 2k-1, ...); 0 = off"})
+    moe_encoder_layers: str = field(
+        default="", metadata={"help": "comma-separated 0-based encoder layers that get a MoE FFN, e.g. '3' or '1,3,5'"}
+    )
+    moe_decoder_layers: str = field(
+        default="", metadata={"help": "comma-separated 0-based decoder layers that get a MoE FFN"}
+    )
+    moe_every: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "instead of explicit lists: every k-th layer of encoder and decoder is MoE (layers k-1, 2k-1, "
+                "...); 0 = off"
+            )
+        },
+    )
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, *dataclass_types) -> None:
@@ -25,8 +38,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, *dataclass_types) -> Non
             if typing.get_origin(tp) is typing.Union:  # Optional[X]
                 tp = next(a for a in typing.get_args(tp) if a is not type(None))
             help_ = f"{f.metadata['help']} (default: {f.default})"
-            parser.add_argument("--" + f.name.replace("_", "-"), type=tp, choices=f.metadata.get("choices"),
-                                metavar=tp.__name__.upper(), help=help_)
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=tp,
+                choices=f.metadata.get("choices"),
+                metavar=tp.__name__.upper(),
+                help=help_,
+            )
 
 
 def fill_defaults(args, *dataclass_types, **overrides) -> None:
@@ -58,8 +76,9 @@ def moe_layer_indices(args, side: str) -> List[int]:
         raise ConfigError(f"{flag}: expected comma-separated integers, got {explicit!r}") from None
     for i in indices:
         if not 0 <= i < num_layers:
-            raise ConfigError(f"{flag}: layer {i} out of range for --{side}-layers={num_layers} "
-                             f"(allowed 0..{num_layers - 1})")
+            raise ConfigError(
+                f"{flag}: layer {i} out of range for --{side}-layers={num_layers} (allowed 0..{num_layers - 1})"
+            )
     return indices
 
 
@@ -76,8 +95,10 @@ def options_markdown() -> str:
     from ..criterions.moec_label_smoothed_cross_entropy import MoECCriterionConfig  # glue-level, import late
 
     rows = ["| flag | default | meaning |", "|---|---|---|"]
-    groups = [("model (`--arch moec_transformer*`)", (MoEPlacement, MoEConfig)),
-              ("criterion (`--criterion moec_label_smoothed_cross_entropy`)", (MoECCriterionConfig,))]
+    groups = [
+        ("model (`--arch moec_transformer*`)", (MoEPlacement, MoEConfig)),
+        ("criterion (`--criterion moec_label_smoothed_cross_entropy`)", (MoECCriterionConfig,)),
+    ]
     for title, dcs in groups:
         rows.append(f"| **{title}** | | |")
         for dc in dcs:

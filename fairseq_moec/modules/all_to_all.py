@@ -1,4 +1,5 @@
 """all_to_all with variable split sizes, differentiable: the gradient goes back the way the rows came."""
+
 from typing import List
 
 import torch

@@ -3,6 +3,7 @@
 Each field becomes the command-line flag ``--<field with dashes>`` in the fairseq glue, so error messages
 name the flag a user typed. Plain dataclass, no fairseq import.
 """
+
 import math
 import numbers
 from dataclasses import dataclass, field, fields
@@ -39,24 +40,67 @@ def _opt(default, help, choices=None):
 @dataclass
 class MoEConfig:
     moe_expert_count: int = _opt(8, "number of experts E in each MoE layer")
-    moe_clusters: int = _opt(1, "number of expert clusters G (E % G == 0; expert e is in cluster e // (E/G)); 1 = plain MoE")
+    moe_clusters: int = _opt(
+        1, "number of expert clusters G (E % G == 0; expert e is in cluster e // (E/G)); 1 = plain MoE"
+    )
     moe_top_k: int = _opt(1, "experts per token (1 = Switch/MoEC, 2 = GShard-style with renormalised gates)")
     moe_expert_sublayers: int = _opt(1, "stacked FFN sublayers per expert (the MoEC paper uses 3)")
     moe_expert_ffn_dim: int = _opt(0, "hidden size of each expert FFN; 0 = the model's FFN size")
-    moe_router: str = _opt("linear", "router: 'linear' softmax router in fp32, or 'cosine' low-dimensional (X-MoE)", ROUTERS)
+    moe_router: str = _opt(
+        "linear", "router: 'linear' softmax router in fp32, or 'cosine' low-dimensional (X-MoE)", ROUTERS
+    )
     moe_router_dim: int = _opt(32, "projection size of the cosine router")
     moe_router_temperature: float = _opt(0.07, "initial (learned) temperature of the cosine router")
-    moe_capacity_factor: Optional[float] = _opt(None, "training capacity factor; tokens over capacity are dropped (skip the layer). Unset = dropless")
-    moe_eval_capacity_factor: Optional[float] = _opt(None, "capacity factor for validation and generation. Unset = dropless")
-    moe_jitter_eps: float = _opt(0.0, "multiplicative jitter noise on router input during training, uniform in [1-eps, 1+eps]")
-    cluster_dropout: float = _opt(0.0, "fraction p of experts dropped inside every cluster during training: floor(p*m + 1/2) of the m = E/G experts of each cluster (halves round up), at least 1 dropped and 1 kept, else refused; 0 = off")
+    moe_capacity_factor: Optional[float] = _opt(
+        None, "training capacity factor; tokens over capacity are dropped (skip the layer). Unset = dropless"
+    )
+    moe_eval_capacity_factor: Optional[float] = _opt(
+        None, "capacity factor for validation and generation. Unset = dropless"
+    )
+    moe_jitter_eps: float = _opt(
+        0.0, "multiplicative jitter noise on router input during training, uniform in [1-eps, 1+eps]"
+    )
+    cluster_dropout: float = _opt(
+        0.0,
+        "fraction p of experts dropped inside every cluster during training: floor(p*m + 1/2) of the m = E/G experts "
+        "of each cluster (halves round up), at least 1 dropped and 1 kept, else refused; 0 = off",
+    )
     cluster_dropout_interval: int = _opt(250, "resample the dropped experts every this many optimizer updates")
-    cluster_dropout_reroute: str = _opt("cluster", "where a token whose expert is dropped goes: best survivor in the same 'cluster', or 'global' best survivor", REROUTES)
-    moe_cluster_loss: str = _opt("intra", "cluster variance loss: 'intra' (mean within-cluster variance of routing mass) or 'ratio' (intra / inter)", CLUSTER_LOSSES)
-    moe_cluster_loss_norm: str = _opt("relative", "scale of the cluster loss: 'relative' = variance of E' x (mean router probability of each expert over tokens), 1 for every expert of a uniform router (E' = experts not dropped), so --moe-cluster-weight means the same at every E and batch size; 'official' = the official MoEC code's term (unbiased variance of masses summed over tokens, times E'; grows with tokens^2)", LOSS_NORMS)
-    moe_seed: int = _opt(1, "seed of the cluster-dropout masks (combined with the layer id and the resample period), 0 .. 2^64-1")
-    moe_expert_parallel: str = _opt("auto", "with W > 1 training processes: 'auto' gives each process E/W of the experts (--moe-expert-count must be a multiple of W; tokens travel to their expert's process and back, checkpoints are written per process); 'off' keeps every expert on every process (plain data parallelism)", EXPERT_PARALLEL)
-    moe_expert_placement: str = _opt("contiguous", "expert parallelism: process r holds experts r*E/W .. (r+1)*E/W-1. 'contiguous': any --moe-clusters (a cluster lies whole on one process when G % W == 0, otherwise clusters straddle processes); 'cluster': the same blocks, but refuse to start unless every cluster lies whole on one process (G % W == 0)", PLACEMENTS)
+    cluster_dropout_reroute: str = _opt(
+        "cluster",
+        "where a token whose expert is dropped goes: best survivor in the same 'cluster', or 'global' best survivor",
+        REROUTES,
+    )
+    moe_cluster_loss: str = _opt(
+        "intra",
+        "cluster variance loss: 'intra' (mean within-cluster variance of routing mass) or 'ratio' (intra / inter)",
+        CLUSTER_LOSSES,
+    )
+    moe_cluster_loss_norm: str = _opt(
+        "relative",
+        "scale of the cluster loss: 'relative' = variance of E' x (mean router probability of each expert over "
+        "tokens), 1 for every expert of a uniform router (E' = experts not dropped), so --moe-cluster-weight means the "
+        "same at every E and batch size; 'official' = the official MoEC code's term (unbiased variance of masses "
+        "summed over tokens, times E'; grows with tokens^2)",
+        LOSS_NORMS,
+    )
+    moe_seed: int = _opt(
+        1, "seed of the cluster-dropout masks (combined with the layer id and the resample period), 0 .. 2^64-1"
+    )
+    moe_expert_parallel: str = _opt(
+        "auto",
+        "with W > 1 training processes: 'auto' gives each process E/W of the experts (--moe-expert-count must be a "
+        "multiple of W; tokens travel to their expert's process and back, checkpoints are written per process); 'off' "
+        "keeps every expert on every process (plain data parallelism)",
+        EXPERT_PARALLEL,
+    )
+    moe_expert_placement: str = _opt(
+        "contiguous",
+        "expert parallelism: process r holds experts r*E/W .. (r+1)*E/W-1. 'contiguous': any --moe-clusters (a cluster "
+        "lies whole on one process when G % W == 0, otherwise clusters straddle processes); 'cluster': the same "
+        "blocks, but refuse to start unless every cluster lies whole on one process (G % W == 0)",
+        PLACEMENTS,
+    )
 
     @property
     def cluster_size(self) -> int:
@@ -68,6 +112,7 @@ class MoEConfig:
 
     def validate(self) -> "MoEConfig":
         """Raise ConfigError naming the flag for every invalid value or combination."""
+
         def bad(name, msg):
             raise ConfigError(f"--{name.replace('_', '-')}: {msg}")
 
@@ -85,17 +130,25 @@ class MoEConfig:
         if E < 1:
             bad("moe_expert_count", f"must be >= 1, got {E}")
         if G < 1 or E % G:
-            bad("moe_clusters", f"must be >= 1 and divide --moe-expert-count={E}, got {G} "
-                f"(allowed: {', '.join(str(g) for g in range(1, E + 1) if E % g == 0)})")
+            bad(
+                "moe_clusters",
+                f"must be >= 1 and divide --moe-expert-count={E}, got {G} "
+                f"(allowed: {', '.join(str(g) for g in range(1, E + 1) if E % g == 0)})",
+            )
         if self.moe_top_k not in (1, 2) or self.moe_top_k > E:
             bad("moe_top_k", f"must be 1 or 2 and <= --moe-expert-count={E}, got {self.moe_top_k}")
         if self.moe_expert_sublayers < 1:
             bad("moe_expert_sublayers", f"must be >= 1, got {self.moe_expert_sublayers}")
         if self.moe_expert_ffn_dim < 0:
             bad("moe_expert_ffn_dim", f"must be >= 0, got {self.moe_expert_ffn_dim}")
-        for name, allowed in (("moe_router", ROUTERS), ("cluster_dropout_reroute", REROUTES),
-                              ("moe_cluster_loss", CLUSTER_LOSSES), ("moe_cluster_loss_norm", LOSS_NORMS),
-                              ("moe_expert_parallel", EXPERT_PARALLEL), ("moe_expert_placement", PLACEMENTS)):
+        for name, allowed in (
+            ("moe_router", ROUTERS),
+            ("cluster_dropout_reroute", REROUTES),
+            ("moe_cluster_loss", CLUSTER_LOSSES),
+            ("moe_cluster_loss_norm", LOSS_NORMS),
+            ("moe_expert_parallel", EXPERT_PARALLEL),
+            ("moe_expert_placement", PLACEMENTS),
+        ):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.moe_router_dim < 1:
@@ -113,16 +166,24 @@ class MoEConfig:
         if self.cluster_dropout > 0:
             m, dropped = self.cluster_size, self.dropped_per_cluster
             if m == 1:
-                bad("cluster_dropout", f"clusters of 1 expert (--moe-expert-count {E} / --moe-clusters {G}) "
-                    f"cannot drop an expert and keep one: use --cluster-dropout 0, or fewer --moe-clusters")
+                bad(
+                    "cluster_dropout",
+                    f"clusters of 1 expert (--moe-expert-count {E} / --moe-clusters {G}) "
+                    f"cannot drop an expert and keep one: use --cluster-dropout 0, or fewer --moe-clusters",
+                )
             if dropped == 0:
                 smallest = math.ceil(0.5 / m * 10**4) / 10**4  # 4 decimals, rounded up: it does drop one
-                bad("cluster_dropout", f"{self.cluster_dropout} drops no expert in clusters of {m} "
+                bad(
+                    "cluster_dropout",
+                    f"{self.cluster_dropout} drops no expert in clusters of {m} "
                     f"(floor({self.cluster_dropout}*{m} + 1/2) = 0), which would train as plain MoE: the "
-                    f"smallest rate that drops one expert is {smallest:g}; 0 turns cluster dropout off")
+                    f"smallest rate that drops one expert is {smallest:g}; 0 turns cluster dropout off",
+                )
             if dropped >= m:
-                bad("cluster_dropout", f"{self.cluster_dropout} drops {dropped} of the "
-                    f"{m} experts in each cluster, leaving it empty")
+                bad(
+                    "cluster_dropout",
+                    f"{self.cluster_dropout} drops {dropped} of the {m} experts in each cluster, leaving it empty",
+                )
             if E - G * self.dropped_per_cluster < self.moe_top_k:
                 bad("cluster_dropout", f"leaves fewer than --moe-top-k={self.moe_top_k} experts")
         if self.cluster_dropout_interval < 1:
@@ -138,12 +199,14 @@ class MoEConfig:
             raise ConfigError(
                 f"--moe-expert-count: {E} experts cannot be split evenly over {W} processes (expert parallelism "
                 f"gives each process E/W experts): use a multiple of {W}, or --moe-expert-parallel off to keep "
-                f"every expert on every process")
+                f"every expert on every process"
+            )
         if self.moe_expert_placement == "cluster" and G % W:
             raise ConfigError(
                 f"--moe-expert-placement cluster: the {G} clusters of {E // G} experts (--moe-clusters {G}) cannot "
                 f"lie whole on {W} processes holding {E // W} experts each; it needs --moe-clusters to be a "
-                f"multiple of {W}, or use --moe-expert-placement contiguous")
+                f"multiple of {W}, or use --moe-expert-placement contiguous"
+            )
         return self
 
     @classmethod

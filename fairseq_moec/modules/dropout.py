@@ -1,4 +1,5 @@
 """Cluster-level expert dropout: in every cluster, drop floor(p * m + 1/2) of its m experts during training."""
+
 import logging
 
 import torch
@@ -51,9 +52,11 @@ class ClusterDropout(nn.Module):
         elif self._period >= 0:
             drawn = self.sample(self._period).to(self.survivors.device)
             if saved is not None and not torch.equal(drawn.cpu(), saved.cpu()):
-                logger.warning(f"cluster dropout (layer {self.layer_id}): --moe-clusters, --cluster-dropout or "
-                               f"--moe-seed changed since the checkpoint was saved; using their mask for update "
-                               f"period {self._period}, not the saved one")
+                logger.warning(
+                    f"cluster dropout (layer {self.layer_id}): --moe-clusters, --cluster-dropout or "
+                    f"--moe-seed changed since the checkpoint was saved; using their mask for update "
+                    f"period {self._period}, not the saved one"
+                )
             self.survivors.copy_(drawn)
 
     @property

@@ -6,6 +6,7 @@ process (--moe-expert-placement cluster insists on it); otherwise each cluster s
 cluster dropout and the auxiliary losses run on every process for its own tokens with the replicated
 router: only the expert computation is distributed, so a rerouted token simply travels to another expert.
 """
+
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,7 @@ from .all_to_all import all_to_all, exchange_counts
 
 class ExpertParallel(NamedTuple):
     """This process's place among the ``world_size`` processes of ``group`` that share the experts."""
+
     rank: int
     world_size: int
     group: object = None  # a torch.distributed process group; None = the default (world) group

@@ -1,4 +1,5 @@
 """Experts: E independent FFNs applied to tokens already sorted by expert (contiguous groups)."""
+
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -25,6 +26,7 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 class Groups(NamedTuple):
     """Row layout for one grouped call: host counts for the per-expert loop, or device offsets and the
     expert of every row for torch._grouped_mm (then no host synchronisation at all)."""
+
     counts: Optional[List[int]]
     offsets: Optional[torch.Tensor]
     row_expert: Optional[torch.Tensor]
@@ -32,8 +34,9 @@ class Groups(NamedTuple):
     @staticmethod
     def of(x: torch.Tensor, counts: torch.Tensor) -> "Groups":
         if grouped_mm_available(x):
-            row_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
-                                                 output_size=x.shape[0])
+            row_expert = torch.repeat_interleave(
+                torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
+            )
             return Groups(None, counts.cumsum(0).to(torch.int32), row_expert)
         return Groups(counts.tolist(), None, None)  # the one host read of the split sizes
 
@@ -54,9 +57,9 @@ class GroupedLinear(nn.Module):
         with torch.no_grad():
             for e in range(num_experts):  # the initialisation nn.Linear uses, per expert
                 w = self.weight[e - local.start] if e in local else torch.empty(out_features, in_features)
-                nn.init.kaiming_uniform_(w, a=5 ** 0.5)
-            bias = torch.empty(num_experts, out_features).uniform_(-in_features ** -0.5, in_features ** -0.5)
-            self.bias.copy_(bias[local.start:local.stop])
+                nn.init.kaiming_uniform_(w, a=5**0.5)
+            bias = torch.empty(num_experts, out_features).uniform_(-(in_features**-0.5), in_features**-0.5)
+            self.bias.copy_(bias[local.start : local.stop])
 
     def forward(self, x: torch.Tensor, groups: "Groups") -> torch.Tensor:
         """x: [N, in] rows grouped by expert (``groups`` says how many rows each expert has)."""
@@ -107,7 +110,7 @@ class _ExpertLoop(torch.autograd.Function):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                torch.addmm(bias[e], x[start:start + n], weight[e].t(), out=y[start:start + n])
+                torch.addmm(bias[e], x[start : start + n], weight[e].t(), out=y[start : start + n])
             start += n
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
@@ -124,11 +127,11 @@ class _ExpertLoop(torch.autograd.Function):
         start = 0
         for e, n in enumerate(ctx.counts):
             if n:
-                g = grad_y[start:start + n]
+                g = grad_y[start : start + n]
                 if need_x:
-                    torch.mm(g, weight[e], out=grad_x[start:start + n])
+                    torch.mm(g, weight[e], out=grad_x[start : start + n])
                 if need_w:
-                    torch.mm(g.t(), x[start:start + n], out=grad_w[e])
+                    torch.mm(g.t(), x[start : start + n], out=grad_w[e])
                 if need_b:
                     torch.sum(g, 0, out=grad_b[e])
             else:  # an expert with no rows: zero gradient (zeroing only these, not the whole buffer)
@@ -144,15 +147,25 @@ class ExpertFFNs(nn.Module):
     """E experts, each a stack of ``sublayers`` FFNs (fc1 -> activation -> dropout -> fc2) applied in turn.
     With ``local_experts`` only those experts are held, and ``forward`` takes rows for them alone."""
 
-    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, sublayers: int = 1,
-                 activation: str = "relu", activation_dropout: float = 0.0, local_experts: Optional[range] = None):
+    def __init__(
+        self,
+        num_experts: int,
+        embed_dim: int,
+        ffn_dim: int,
+        sublayers: int = 1,
+        activation: str = "relu",
+        activation_dropout: float = 0.0,
+        local_experts: Optional[range] = None,
+    ):
         super().__init__()
         self.local_experts = range(num_experts) if local_experts is None else local_experts
         self.num_experts = len(self.local_experts)  # experts held here (all of them without expert parallelism)
-        self.fc1 = nn.ModuleList(GroupedLinear(num_experts, embed_dim, ffn_dim, local_experts)
-                                 for _ in range(sublayers))
-        self.fc2 = nn.ModuleList(GroupedLinear(num_experts, ffn_dim, embed_dim, local_experts)
-                                 for _ in range(sublayers))
+        self.fc1 = nn.ModuleList(
+            GroupedLinear(num_experts, embed_dim, ffn_dim, local_experts) for _ in range(sublayers)
+        )
+        self.fc2 = nn.ModuleList(
+            GroupedLinear(num_experts, ffn_dim, embed_dim, local_experts) for _ in range(sublayers)
+        )
         self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
         self.activation_dropout = nn.Dropout(activation_dropout)
 

@@ -1,5 +1,6 @@
 """Auxiliary routing losses and load statistics. Inputs exclude padding; dropped experts (cluster dropout)
 are excluded through ``survivors`` (bool[E]) and have probability 0 in ``probs``."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -15,7 +16,9 @@ def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor, survivors: Optional[torch.Tensor] = None) -> torch.Tensor:
+def load_balance_loss(
+    probs: torch.Tensor, counts: torch.Tensor, survivors: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Switch Transformer balance loss E' * sum_e f_e * P_e over the E' surviving experts.
 
     f_e: fraction of routing choices (all k of them) sent to e (``counts``, from ``expert_counts``);
@@ -49,8 +52,9 @@ def routing_mass(probs: torch.Tensor, norm: str, survivors: Optional[torch.Tenso
     return probs.mean(0) * num_survivors(probs, survivors)
 
 
-def cluster_variances(mass: torch.Tensor, num_clusters: int, survivors: Optional[torch.Tensor] = None,
-                      unbiased: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def cluster_variances(
+    mass: torch.Tensor, num_clusters: int, survivors: Optional[torch.Tensor] = None, unbiased: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(intra, inter): mean over clusters of the variance of m_e inside the cluster (survivors only; population
     variance, or the unbiased n-1 form of the official code), and the population variance of the cluster means."""
     m = mass.view(num_clusters, -1)
@@ -68,8 +72,9 @@ def cluster_loss(intra: torch.Tensor, inter: torch.Tensor, kind: str) -> torch.T
     return intra if kind == "intra" else intra / (inter + EPS)
 
 
-def cluster_terms(probs: torch.Tensor, num_clusters: int, kind: str, norm: str,
-                  survivors: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cluster_terms(
+    probs: torch.Tensor, num_clusters: int, kind: str, norm: str, survivors: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, intra, inter) of the cluster variance loss; intra and inter always on the 'relative' scale, for the
     logs. norm 'official' reproduces the official code's term: unbiased variance of summed masses, times the E'
     inside its aux loss l_aux = E' * (L_balance + c * V). Its size relative to the default is
@@ -81,19 +86,21 @@ def cluster_terms(probs: torch.Tensor, num_clusters: int, kind: str, norm: str,
     return cluster_loss(intra, inter, kind), intra, inter
 
 
-def official_equivalent_weight(official_weight: float, tokens: int, num_clusters: int, surviving_per_cluster: int
-                               ) -> float:
+def official_equivalent_weight(
+    official_weight: float, tokens: int, num_clusters: int, surviving_per_cluster: int
+) -> float:
     """The --moe-cluster-weight that, with the default 'relative' norm, gives the official code's intra-cluster
     term (weight ``official_weight`` = 0.01 x c) at ``tokens`` routed tokens per forward:
     w_official * T^2 / E' * m / (m - 1), with m surviving experts per cluster and E' = G * m. Summed masses are
     T / E' times the relative ones, the unbiased variance is m / (m - 1) times the population one, and l_aux
     multiplies by E'."""
     m = surviving_per_cluster
-    return official_weight * tokens ** 2 / (num_clusters * m) * (m / (m - 1) if m > 1 else 1.0)
+    return official_weight * tokens**2 / (num_clusters * m) * (m / (m - 1) if m > 1 else 1.0)
 
 
-def load_statistics(counts: torch.Tensor, survivors: Optional[torch.Tensor] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_statistics(
+    counts: torch.Tensor, survivors: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cv, entropy) of the expert load ``counts`` over surviving experts: coefficient of variation of the token
     counts (0 = perfectly even) and the entropy in nats of the load distribution (log E' = perfectly even).
     Dropped experts are masked out by weight, not by boolean indexing (which would read back to the host)."""

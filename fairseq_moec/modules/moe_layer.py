@@ -1,4 +1,5 @@
 """The MoEC layer: route, dispatch by sorting, run the experts, combine; report losses and statistics."""
+
 import math
 from typing import Dict, Optional
 
@@ -8,8 +9,8 @@ import torch.nn as nn
 from . import losses
 from .config import MoEConfig
 from .dropout import ClusterDropout
-from .experts import ExpertFFNs
 from .expert_parallel import ExpertParallel, run_experts_remotely
+from .experts import ExpertFFNs
 from .router import CosineRouter, LinearRouter, route
 
 
@@ -18,8 +19,15 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[flo
     return None if factor is None else max(1, math.ceil(factor * top_k * num_tokens / num_experts))
 
 
-def dispatch_combine(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, num_experts: int,
-                     expert_fn, slots: Optional[int] = None, counts: Optional[torch.Tensor] = None):
+def dispatch_combine(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    gates: torch.Tensor,
+    num_experts: int,
+    expert_fn,
+    slots: Optional[int] = None,
+    counts: Optional[torch.Tensor] = None,
+):
     """out[t] = sum_j gates[t, j] * expert_{experts[t, j]}(x[t]) over the assignments that fit in capacity.
 
     Assignments are ordered choice-major (every token's first choice before any second choice, tokens in
@@ -57,10 +65,19 @@ class MoELayer(nn.Module):
     ``expert_parallel`` (default None: all experts here): this process holds only its E/W experts and
     exchanges tokens with the other processes of the group; every process must call forward equally often.
     """
+
     keep_routing = False
 
-    def __init__(self, cfg: MoEConfig, embed_dim: int, ffn_dim: int, activation: str = "relu",
-                 activation_dropout: float = 0.0, layer_id: int = 0, expert_parallel: Optional[ExpertParallel] = None):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        embed_dim: int,
+        ffn_dim: int,
+        activation: str = "relu",
+        activation_dropout: float = 0.0,
+        layer_id: int = 0,
+        expert_parallel: Optional[ExpertParallel] = None,
+    ):
         super().__init__()
         cfg.validate()
         if expert_parallel is not None:
@@ -68,13 +85,23 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.expert_parallel = expert_parallel
         E = cfg.moe_expert_count
-        self.router = (LinearRouter(embed_dim, E) if cfg.moe_router == "linear" else
-                       CosineRouter(embed_dim, E, cfg.moe_router_dim, cfg.moe_router_temperature))
-        self.experts = ExpertFFNs(E, embed_dim, cfg.moe_expert_ffn_dim or ffn_dim, cfg.moe_expert_sublayers,
-                                  activation, activation_dropout,
-                                  None if expert_parallel is None else expert_parallel.local_experts(E))
-        self.cluster_dropout = ClusterDropout(E, cfg.moe_clusters, cfg.cluster_dropout,
-                                              cfg.cluster_dropout_interval, cfg.moe_seed, layer_id)
+        self.router = (
+            LinearRouter(embed_dim, E)
+            if cfg.moe_router == "linear"
+            else CosineRouter(embed_dim, E, cfg.moe_router_dim, cfg.moe_router_temperature)
+        )
+        self.experts = ExpertFFNs(
+            E,
+            embed_dim,
+            cfg.moe_expert_ffn_dim or ffn_dim,
+            cfg.moe_expert_sublayers,
+            activation,
+            activation_dropout,
+            None if expert_parallel is None else expert_parallel.local_experts(E),
+        )
+        self.cluster_dropout = ClusterDropout(
+            E, cfg.moe_clusters, cfg.cluster_dropout, cfg.cluster_dropout_interval, cfg.moe_seed, layer_id
+        )
         self.last_losses: Dict[str, torch.Tensor] = {}
         self.last_stats: Dict[str, torch.Tensor] = {}
         self.last_routing = None
@@ -108,8 +135,7 @@ class MoELayer(nn.Module):
         factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor
         expert_fn = self.experts if self.expert_parallel is None else self._run_experts_remotely
         counts = losses.expert_counts(r.experts, E)
-        out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor),
-                                     counts)
+        out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor), counts)
         self._record(r, kept, survivors, counts)
         return out, r
 
@@ -123,8 +149,9 @@ class MoELayer(nn.Module):
             self.last_losses = {"balance": zero, "cluster": zero, "z": zero}
             self.last_stats = {}
             return
-        cluster, intra, inter = losses.cluster_terms(r.probs, cfg.moe_clusters, cfg.moe_cluster_loss,
-                                                     cfg.moe_cluster_loss_norm, survivors)
+        cluster, intra, inter = losses.cluster_terms(
+            r.probs, cfg.moe_clusters, cfg.moe_cluster_loss, cfg.moe_cluster_loss_norm, survivors
+        )
         self.last_losses = {
             "balance": losses.load_balance_loss(r.probs, counts, survivors),
             "cluster": cluster if cfg.moe_clusters > 1 else cluster.new_zeros(()),
@@ -133,9 +160,12 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             cv, entropy = losses.load_statistics(counts, survivors)
             self.last_stats = {
-                "load_cv": cv, "load_entropy": entropy,
-                "dropped_frac": 1.0 - kept.float().mean(), "rerouted_frac": r.rerouted.float().mean(),
-                "intra_var": intra.detach(), "inter_var": inter.detach(),
+                "load_cv": cv,
+                "load_entropy": entropy,
+                "dropped_frac": 1.0 - kept.float().mean(),
+                "rerouted_frac": r.rerouted.float().mean(),
+                "intra_var": intra.detach(),
+                "inter_var": inter.detach(),
                 "tokens": torch.full((), r.probs.shape[0], dtype=r.probs.dtype, device=r.probs.device),
                 "expert_load": counts.float(),
             }

@@ -1,4 +1,5 @@
 """Routers: token representations -> fp32 logits over experts, and top-k selection with cluster-aware rerouting."""
+
 import math
 from typing import NamedTuple, Optional
 
@@ -13,7 +14,7 @@ class LinearRouter(nn.Module):
     def __init__(self, embed_dim: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, embed_dim))
-        nn.init.normal_(self.weight, std=embed_dim ** -0.5)
+        nn.init.normal_(self.weight, std=embed_dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float())
@@ -44,8 +45,13 @@ class Routing(NamedTuple):
     rerouted: torch.Tensor  # [T] bool: a preferred expert was dropped, the token went elsewhere
 
 
-def route(logits: torch.Tensor, top_k: int, cluster_size: int,
-          survivors: Optional[torch.Tensor] = None, reroute: str = "cluster") -> Routing:
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    cluster_size: int,
+    survivors: Optional[torch.Tensor] = None,
+    reroute: str = "cluster",
+) -> Routing:
     """Pick top_k experts per token; gates are the router probabilities (top-1) or renormalised over the
     chosen pair (top-2, GShard).
 

@@ -6,6 +6,7 @@ expected? else PatchRefused) and ``apply()`` (keep the original, replace it, log
 "fairseq_moec.patches"). ``install()`` checks every patch before it replaces anything, so a fairseq that does not
 fit is refused with a message and left untouched; it is idempotent.
 """
+
 from . import (
     atomic_checkpoint_copy,
     bf16_without_tpu,

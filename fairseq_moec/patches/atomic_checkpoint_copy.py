@@ -7,6 +7,7 @@ itself: a run killed (or a disk that fills up) during that copy leaves a truncat
 one is lost. We copy to a temporary file next to the destination and rename it over the destination
 (sharded_checkpoint.atomic_copy). Copies through iopath's PathManager (remote storage) are left to it.
 """
+
 import os
 
 from fairseq import file_io
@@ -32,8 +33,9 @@ def installed() -> bool:
 
 def check() -> None:
     PATCH.expect_fairseq()
-    PATCH.expect_parameters(file_io.PathManager, "copy", "fairseq.file_io.PathManager",
-                            ["src_path", "dst_path", "overwrite"])
+    PATCH.expect_parameters(
+        file_io.PathManager, "copy", "fairseq.file_io.PathManager", ["src_path", "dst_path", "overwrite"]
+    )
     PATCH.expect_attribute(file_io, "IOPathManager", "fairseq.file_io")
 
 

@@ -8,6 +8,7 @@ starts (``fairseq.distributed.utils.call_main``) we drop the implied ``tpu`` and
 casts the model to bf16 on the GPU or CPU, with fairseq's (memory-efficient) FP16Optimizer, which for bf16 runs
 without loss scaling. Where torch_xla is installed nothing changes.
 """
+
 import importlib.util
 import logging
 
@@ -26,8 +27,9 @@ def drop_implied_tpu(cfg) -> None:
     common = cfg.common
     if not (common.bf16 and common.tpu) or importlib.util.find_spec("torch_xla") is not None:
         return
-    logger.info("--bf16: torch_xla is not installed, so no TPU: training in bf16 on %s",
-                "the CPU" if common.cpu else "the GPU")
+    logger.info(
+        "--bf16: torch_xla is not installed, so no TPU: training in bf16 on %s", "the CPU" if common.cpu else "the GPU"
+    )
     for name in ("common", "distributed_training", "optimizer", "model"):  # every copy of the 'tpu' field
         sub = getattr(cfg, name, None)
         if sub is not None and getattr(sub, "tpu", None) is not None:

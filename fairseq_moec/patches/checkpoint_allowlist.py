@@ -6,6 +6,7 @@ argparse Namespace of old-style configs, numpy scalars in the training state) an
 allowlist exactly those; any other global in a checkpoint (say os.system) is still refused by torch, never
 executed. (What process 0 sends the other processes is another matter: see peer_broadcast.py.)
 """
+
 import argparse
 
 import numpy as np
@@ -38,5 +39,7 @@ def check() -> None:
 
 def apply() -> None:
     torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_GLOBALS)
-    PATCH.log("added argparse.Namespace and numpy scalars/dtypes to torch.serialization's weights_only allowlist "
-              "(fairseq checkpoints hold them)")
+    PATCH.log(
+        "added argparse.Namespace and numpy scalars/dtypes to torch.serialization's weights_only allowlist "
+        "(fairseq checkpoints hold them)"
+    )

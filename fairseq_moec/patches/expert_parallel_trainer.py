@@ -19,6 +19,7 @@ in modules/expert_parallel.py). What the Trainer has to do differently:
 
 Everything here is a no-op for single-process runs and for ``--moe-expert-parallel off``.
 """
+
 import logging
 import os
 import uuid
@@ -37,8 +38,9 @@ from .target import Patch
 
 logger = logging.getLogger(__name__)
 
-PATCH = Patch("expert_parallel_trainer", "expert-parallel runs save only process 0's experts and misreport the "
-                                         "gradient norm")
+PATCH = Patch(
+    "expert_parallel_trainer", "expert-parallel runs save only process 0's experts and misreport the gradient norm"
+)
 
 fairseq_trainer = {}  # the Trainer's own properties and methods, kept by apply()
 
@@ -59,8 +61,11 @@ def _optimizer_param_names(trainer) -> List[str]:
     """Names of the parameters in the optimizer's order (fairseq builds it from model then criterion)."""
     names = {id(p): n for n, p in trainer.get_model().named_parameters()}
     names.update({id(p): "criterion." + n for n, p in trainer.get_criterion().named_parameters()})
-    return [names[id(p)] for p in chain(trainer.get_model().parameters(), trainer.get_criterion().parameters())
-            if p.requires_grad]
+    return [
+        names[id(p)]
+        for p in chain(trainer.get_model().parameters(), trainer.get_criterion().parameters())
+        if p.requires_grad
+    ]
 
 
 def _should_save_checkpoint_on_current_rank(self) -> bool:
@@ -120,9 +125,11 @@ def _load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
             if restore_optimizer and shard.get("optimizer") is not None:
                 _update_optimizer_state(self, names, lambda name, st: shard["optimizer"].get(name, st))
     elif restore_optimizer:  # a checkpoint of all experts: the model was sliced on load, now the optimizer
+
         def sliced(name, st):
             _, E, local = experts[name]
-            return {f: v[local.start:local.stop] if sc._per_expert(v, E) else v for f, v in st.items()}
+            return {f: v[local.start : local.stop] if sc._per_expert(v, E) else v for f, v in st.items()}
+
         _update_optimizer_state(self, names, sliced)
     return extra_state
 
@@ -175,21 +182,37 @@ def check() -> None:
             raise PATCH.refuse(f"{where}.{name} as a property", repr(Trainer.__dict__.get(name)))
         PATCH.expect_parameters(Trainer, name, where, ["self"])
     PATCH.expect_parameters(Trainer, "save_checkpoint", where, ["self", "filename", "extra_state"])
-    PATCH.expect_parameters(Trainer, "load_checkpoint", where, [
-        "self", "filename", "reset_optimizer", "reset_lr_scheduler", "optimizer_overrides", "reset_meters"])
+    PATCH.expect_parameters(
+        Trainer,
+        "load_checkpoint",
+        where,
+        ["self", "filename", "reset_optimizer", "reset_lr_scheduler", "optimizer_overrides", "reset_meters"],
+    )
     PATCH.expect_parameters(Trainer, "clip_grad_norm", where, ["self", "clip_norm"])
-    PATCH.expect_parameters(FairseqOptimizer, "clip_grad_norm", "fairseq.optim.FairseqOptimizer",
-                            ["self", "max_norm", "aggregate_norm_fn"])
+    PATCH.expect_parameters(
+        FairseqOptimizer, "clip_grad_norm", "fairseq.optim.FairseqOptimizer", ["self", "max_norm", "aggregate_norm_fn"]
+    )
 
 
 def apply() -> None:
-    fairseq_trainer.update({name: getattr(Trainer, name) for name in (
-        "should_save_checkpoint_on_current_rank", "checkpoint_suffix", "save_checkpoint", "load_checkpoint",
-        "clip_grad_norm")})
+    fairseq_trainer.update(
+        {
+            name: getattr(Trainer, name)
+            for name in (
+                "should_save_checkpoint_on_current_rank",
+                "checkpoint_suffix",
+                "save_checkpoint",
+                "load_checkpoint",
+                "clip_grad_norm",
+            )
+        }
+    )
     PATCH.replace(Trainer, "should_save_checkpoint_on_current_rank", property(_should_save_checkpoint_on_current_rank))
     PATCH.replace(Trainer, "checkpoint_suffix", property(_checkpoint_suffix))
     PATCH.replace(Trainer, "load_checkpoint", _load_checkpoint)
     PATCH.replace(Trainer, "clip_grad_norm", _clip_grad_norm)
     PATCH.replace(Trainer, "save_checkpoint", _save_checkpoint)  # last: installed() looks at it
-    PATCH.log("replaced fairseq.trainer.Trainer.should_save_checkpoint_on_current_rank, checkpoint_suffix, "
-              "save_checkpoint, load_checkpoint and clip_grad_norm (expert parallelism)")
+    PATCH.log(
+        "replaced fairseq.trainer.Trainer.should_save_checkpoint_on_current_rank, checkpoint_suffix, "
+        "save_checkpoint, load_checkpoint and clip_grad_norm (expert parallelism)"
+    )

@@ -10,14 +10,14 @@ was exact only inside epoch 1. We build reusable batches with the seed of epoch 
 which is what the uninterrupted run does; the order of the batches is still shuffled with ``--seed + epoch``
 every epoch.
 """
+
 import inspect
 
 from fairseq.tasks import FairseqTask
 
 from .target import Patch
 
-PATCH = Patch("first_epoch_batches", "a run resumed after epoch 1 trains on other batches than the "
-                                     "uninterrupted run")
+PATCH = Patch("first_epoch_batches", "a run resumed after epoch 1 trains on other batches than the uninterrupted run")
 
 fork_get_batch_iterator = None  # the fork's method, kept by apply()
 _signature = None
@@ -28,9 +28,12 @@ def get_batch_iterator_with_first_epoch_batches(self, *args, **kwargs):
     call.apply_defaults()
     a = call.arguments
     epoch, dataset = a["epoch"], a["dataset"]
-    reusable = (not a["disable_iterator_cache"] and not a["update_epoch_batch_itr"]
-                and not getattr(getattr(self, "cfg", None), "rebuild_batches", False)
-                and self.can_reuse_epoch_itr(dataset))
+    reusable = (
+        not a["disable_iterator_cache"]
+        and not a["update_epoch_batch_itr"]
+        and not getattr(getattr(self, "cfg", None), "rebuild_batches", False)
+        and self.can_reuse_epoch_itr(dataset)
+    )
     if not reusable or epoch <= 1 or dataset in self.dataset_to_epoch_iter:
         return fork_get_batch_iterator(*call.args, **call.kwargs)  # per-epoch batches, or the cached iterator
     a["epoch"] = 1
@@ -46,10 +49,30 @@ def installed() -> bool:
 
 def check() -> None:
     PATCH.expect_fairseq()
-    PATCH.expect_parameters(FairseqTask, "get_batch_iterator", "fairseq.tasks.FairseqTask", [
-        "self", "dataset", "max_tokens", "max_sentences", "max_positions", "ignore_invalid_inputs",
-        "required_batch_size_multiple", "seed", "num_shards", "shard_id", "num_workers", "epoch", "data_buffer_size",
-        "disable_iterator_cache", "skip_remainder_batch", "grouped_shuffling", "update_epoch_batch_itr"])
+    PATCH.expect_parameters(
+        FairseqTask,
+        "get_batch_iterator",
+        "fairseq.tasks.FairseqTask",
+        [
+            "self",
+            "dataset",
+            "max_tokens",
+            "max_sentences",
+            "max_positions",
+            "ignore_invalid_inputs",
+            "required_batch_size_multiple",
+            "seed",
+            "num_shards",
+            "shard_id",
+            "num_workers",
+            "epoch",
+            "data_buffer_size",
+            "disable_iterator_cache",
+            "skip_remainder_batch",
+            "grouped_shuffling",
+            "update_epoch_batch_itr",
+        ],
+    )
     PATCH.expect_attribute(FairseqTask, "can_reuse_epoch_itr", "fairseq.tasks.FairseqTask")
 
 

@@ -5,14 +5,16 @@ SAVE_DIR/checkpoint_last.pt (or --restore-file); when that file is missing it st
 directory, and the first validation overwrites checkpoint_best.pt with a worse model. We run
 input_checks.refuse_start_from_scratch first, which says how to resume instead.
 """
+
 from fairseq import checkpoint_utils
 
 from .. import input_checks
 from ..sharded_checkpoint import main_suffix
 from .target import Patch
 
-PATCH = Patch("fresh_start", "a run whose checkpoint_last.pt is missing starts from scratch and overwrites "
-                             "checkpoint_best.pt")
+PATCH = Patch(
+    "fresh_start", "a run whose checkpoint_last.pt is missing starts from scratch and overwrites checkpoint_best.pt"
+)
 
 fairseq_load_checkpoint = None  # fairseq's function, kept by apply()
 
@@ -29,8 +31,9 @@ def installed() -> bool:
 
 def check() -> None:
     PATCH.expect_fairseq()
-    PATCH.expect_parameters(checkpoint_utils, "load_checkpoint", "fairseq.checkpoint_utils",
-                            ["cfg", "trainer", "passthrough_args"])
+    PATCH.expect_parameters(
+        checkpoint_utils, "load_checkpoint", "fairseq.checkpoint_utils", ["cfg", "trainer", "passthrough_args"]
+    )
 
 
 def apply() -> None:

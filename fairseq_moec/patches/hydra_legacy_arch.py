@@ -7,6 +7,7 @@ omegaconf's internals, not its keys: every undeclared option is lost, and buildi
 fails with ``AttributeError: invalid argument moe_encoder_layers.`` Handing from_namespace a plain ``Namespace``
 with the same keys makes it copy them, as it does for fairseq-train's argparse args.
 """
+
 import argparse
 
 from fairseq.models.transformer import TransformerConfig
@@ -33,8 +34,9 @@ def check() -> None:
     PATCH.expect_fairseq()
     where = "fairseq.models.transformer.TransformerConfig"
     if not isinstance(TransformerConfig.__dict__.get("from_namespace"), classmethod):
-        raise PATCH.refuse(f"{where}.from_namespace as a classmethod", repr(TransformerConfig.__dict__.get(
-            "from_namespace")))
+        raise PATCH.refuse(
+            f"{where}.from_namespace as a classmethod", repr(TransformerConfig.__dict__.get("from_namespace"))
+        )
     PATCH.expect_parameters(TransformerConfig, "from_namespace", where, ["cls", "args"])
 
 

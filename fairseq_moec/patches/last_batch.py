@@ -6,6 +6,7 @@ whenever its size is not a multiple of --required-batch-size-multiple (default 8
 skips up to 7 test sentences and validation skips up to 7 sentences. Upstream fairseq (0.12.2) keeps that batch;
 so do we, by re-adding whatever indices the fork's batch_by_size left out as one final batch.
 """
+
 import numpy as np
 from fairseq.data import data_utils
 
@@ -33,9 +34,20 @@ def installed() -> bool:
 
 def check() -> None:
     PATCH.expect_fairseq()
-    PATCH.expect_parameters(data_utils, "batch_by_size", "fairseq.data.data_utils", [
-        "indices", "num_tokens_fn", "num_tokens_vec", "max_tokens", "max_sentences", "required_batch_size_multiple",
-        "fixed_shapes"])
+    PATCH.expect_parameters(
+        data_utils,
+        "batch_by_size",
+        "fairseq.data.data_utils",
+        [
+            "indices",
+            "num_tokens_fn",
+            "num_tokens_vec",
+            "max_tokens",
+            "max_sentences",
+            "required_batch_size_multiple",
+            "fixed_shapes",
+        ],
+    )
 
 
 def apply() -> None:

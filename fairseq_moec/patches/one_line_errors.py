@@ -14,6 +14,7 @@ alone and exit with argparse's status 2:
 
 Every other exception (a bug, an interrupted run) keeps its traceback.
 """
+
 import os
 import sys
 from typing import Optional
@@ -101,7 +102,10 @@ def apply() -> None:
     job_return = _job_return()
     if job_return is not None and not PATCH.installed(job_return, "return_value"):
         hydra_return_value = job_return.return_value
-        PATCH.replace(job_return, "return_value",
-                      property(return_value_reporting_config_errors, hydra_return_value.fset))
-    PATCH.log("replaced sys.excepthook and hydra's JobReturn.return_value (a ConfigError ends the fairseq "
-              "commands with one line, exit status 2)")
+        PATCH.replace(
+            job_return, "return_value", property(return_value_reporting_config_errors, hydra_return_value.fset)
+        )
+    PATCH.log(
+        "replaced sys.excepthook and hydra's JobReturn.return_value (a ConfigError ends the fairseq "
+        "commands with one line, exit status 2)"
+    )

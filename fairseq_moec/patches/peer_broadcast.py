@@ -7,6 +7,7 @@ whose default became weights_only=True, which refuses those: every resume with m
 This is data from process 0 of the same job over its own process group, not a file: we unpickle it like the rest
 of fairseq's inter-process messages (all_gather_list uses pickle), with weights_only=False for exactly this call.
 """
+
 import io
 
 import torch
@@ -14,8 +15,10 @@ from fairseq.distributed import utils as distributed_utils
 
 from .target import Patch
 
-PATCH = Patch("peer_broadcast", "every multi-process resume fails: the other processes cannot unpickle the "
-                                "checkpoint process 0 sends them")
+PATCH = Patch(
+    "peer_broadcast",
+    "every multi-process resume fails: the other processes cannot unpickle the checkpoint process 0 sends them",
+)
 
 fairseq_broadcast_object_slow = None  # fairseq's function, kept by apply()
 
@@ -45,8 +48,9 @@ def installed() -> bool:
 def check() -> None:
     PATCH.expect_fairseq()
     where = "fairseq.distributed.utils"
-    PATCH.expect_parameters(distributed_utils, "_broadcast_object_slow", where,
-                            ["obj", "src_rank", "group", "dist_device"])
+    PATCH.expect_parameters(
+        distributed_utils, "_broadcast_object_slow", where, ["obj", "src_rank", "group", "dist_device"]
+    )
     PATCH.expect_parameters(distributed_utils, "broadcast", where, ["tensor", "src", "group"])
     PATCH.expect_attribute(distributed_utils, "get_rank", where)
 
@@ -55,5 +59,7 @@ def apply() -> None:
     global fairseq_broadcast_object_slow
     fairseq_broadcast_object_slow = distributed_utils._broadcast_object_slow
     PATCH.replace(distributed_utils, "_broadcast_object_slow", broadcast_object_slow)
-    PATCH.log("replaced fairseq.distributed.utils._broadcast_object_slow (receivers unpickle process 0's "
-              "checkpoint with weights_only=False)")
+    PATCH.log(
+        "replaced fairseq.distributed.utils._broadcast_object_slow (receivers unpickle process 0's "
+        "checkpoint with weights_only=False)"
+    )

@@ -5,6 +5,7 @@ Python >= 3.10). Another release may have moved, renamed or changed the function
 the wrong thing can break fairseq silently; so before anything is replaced every patch checks the fairseq
 version and the target (it exists, takes the parameters the wrapper passes on) and refuses otherwise.
 """
+
 import inspect
 import logging
 from typing import Callable, Sequence
@@ -34,9 +35,11 @@ class Patch:
         self.name, self.fixes = name, fixes
 
     def refuse(self, expected: str, found: str) -> PatchRefused:
-        return PatchRefused(f"fairseq_moec: patch {self.name} expects {expected}, found {found}; without it "
-                            f"{self.fixes}. Use {FAIRSEQ_DISTRIBUTION}=={FAIRSEQ_VERSION} (scripts/bootstrap.sh "
-                            f"installs it)")
+        return PatchRefused(
+            f"fairseq_moec: patch {self.name} expects {expected}, found {found}; without it "
+            f"{self.fixes}. Use {FAIRSEQ_DISTRIBUTION}=={FAIRSEQ_VERSION} (scripts/bootstrap.sh "
+            f"installs it)"
+        )
 
     def expect_fairseq(self) -> None:
         import fairseq
@@ -60,8 +63,10 @@ class Patch:
         except (TypeError, ValueError):
             found = None
         if found != list(parameters):
-            raise self.refuse(f"{where}.{attribute}({', '.join(parameters)})",
-                              f"({', '.join(found)})" if found is not None else "no signature")
+            raise self.refuse(
+                f"{where}.{attribute}({', '.join(parameters)})",
+                f"({', '.join(found)})" if found is not None else "no signature",
+            )
         return target
 
     def mark(self, replacement):

@@ -10,6 +10,7 @@ We take the world size from torchrun when the flag was left at 1 and, without GP
 own --ddp-backend legacy_ddp (same averaged gradients, all-reduced after the backward pass). With GPUs and an
 explicit world size nothing changes.
 """
+
 import logging
 import os
 
@@ -29,8 +30,12 @@ fairseq_torchrun_init = None
 
 
 def infer_init_method_from_torchrun(cfg, force_distributed=False):
-    if (cfg.distributed_init_method is None and all(k in os.environ for k in TORCHRUN_ENV)
-            and int(os.environ["WORLD_SIZE"]) > 1 and cfg.distributed_world_size == 1):
+    if (
+        cfg.distributed_init_method is None
+        and all(k in os.environ for k in TORCHRUN_ENV)
+        and int(os.environ["WORLD_SIZE"]) > 1
+        and cfg.distributed_world_size == 1
+    ):
         cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
     return fairseq_infer_init_method(cfg, force_distributed)
 
@@ -65,5 +70,7 @@ def apply() -> None:
     fairseq_torchrun_init = distributed_utils._infer_torch_distributed_launch_init
     PATCH.replace(distributed_utils, "infer_init_method", infer_init_method_from_torchrun)
     PATCH.replace(distributed_utils, "_infer_torch_distributed_launch_init", torchrun_init_without_gpus)
-    PATCH.log("replaced fairseq.distributed.utils.infer_init_method and _infer_torch_distributed_launch_init "
-              "(torchrun's world size; without GPUs device 0 and legacy_ddp)")
+    PATCH.log(
+        "replaced fairseq.distributed.utils.infer_init_method and _infer_torch_distributed_launch_init "
+        "(torchrun's world size; without GPUs device 0 and legacy_ddp)"
+    )

@@ -5,6 +5,7 @@ to torch.load, which fails on a zero-byte or truncated file (a save cut short, e
 EOFError or a zip reader error that names no file, in fairseq-train, -generate and -interactive alike. We raise a
 ConfigError that names the file and the newest intact checkpoint next to it (input_checks.unreadable_checkpoint).
 """
+
 import os
 
 from fairseq import checkpoint_utils
@@ -36,8 +37,12 @@ def installed() -> bool:
 
 def check() -> None:
     PATCH.expect_fairseq()
-    PATCH.expect_parameters(checkpoint_utils, "load_checkpoint_to_cpu", "fairseq.checkpoint_utils",
-                            ["path", "arg_overrides", "load_on_all_ranks"])
+    PATCH.expect_parameters(
+        checkpoint_utils,
+        "load_checkpoint_to_cpu",
+        "fairseq.checkpoint_utils",
+        ["path", "arg_overrides", "load_on_all_ranks"],
+    )
 
 
 def apply() -> None:

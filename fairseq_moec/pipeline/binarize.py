@@ -4,6 +4,7 @@ Layout under OUT (the study, the end-to-end benchmark and the test fixtures shar
 step directories): raw/{split}.{lang} (the caller's, unless it names another directory), spm/spm.model,
 tok/{split}.{lang}, bin/ (fairseq's).
 """
+
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,13 @@ def encode_and_binarize(out, src, tgt, vocab, threads=None, workers=2, runner=ru
     raw = Path(raw) if raw else out / "raw"
     (out / "spm").mkdir(parents=True, exist_ok=True)
     (out / "tok").mkdir(exist_ok=True)
-    subwords.train_sentencepiece([raw / f"train.{lang}" for lang in (src, tgt)], out / "spm" / "spm", vocab,
-                                 threads=threads, **(spm_options or {}))
+    subwords.train_sentencepiece(
+        [raw / f"train.{lang}" for lang in (src, tgt)],
+        out / "spm" / "spm",
+        vocab,
+        threads=threads,
+        **(spm_options or {}),
+    )
     sp = subwords.load(out / "spm" / "spm.model")
     for split in SPLITS:
         for lang in (src, tgt):

@@ -3,6 +3,7 @@
 A step that can be interrupted writes its outputs under temporary names, renames them when they are complete, and
 writes its stamp last: a stamp holding the key of the step's inputs means "done with these inputs".
 """
+
 import contextlib
 import gzip
 import json

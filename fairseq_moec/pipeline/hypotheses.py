@@ -4,13 +4,16 @@ fairseq-generate prints the hypotheses of a batch in the order it finishes them,
 A dropped sentence (e.g. one longer than --max-positions, skipped with a warning) would silently inflate or deflate
 BLEU, so a missing, repeated or unexpected id is an error.
 """
+
 import re
 from pathlib import Path
 
 from .files import PipelineError
 
-SPEED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
-                   r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)")
+SPEED = re.compile(
+    r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
+    r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)"
+)
 
 
 def hypotheses(lines, n, source="fairseq-generate output", what="input lines"):
@@ -34,7 +37,8 @@ def hypotheses(lines, n, source="fairseq-generate output", what="input lines"):
             f"{source}: {len(hyps)} hypotheses for {n} {what}"
             + (f"; missing ids: {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "")
             + (f"; unexpected ids: {extra[:10]}{' ...' if len(extra) > 10 else ''}" if extra else "")
-            + ": fairseq-generate skipped or added sentences")
+            + ": fairseq-generate skipped or added sentences"
+        )
     return [hyps[i] for i in range(n)]
 
 
@@ -53,8 +57,13 @@ def generation_speed(text):
     if not m:
         return None
     n, toks, secs, sps, tps = m.groups()
-    return {"sentences": int(n.replace(",", "")), "tokens": int(toks.replace(",", "")), "seconds": float(secs),
-            "sentences_per_s": float(sps), "tokens_per_s": float(tps)}
+    return {
+        "sentences": int(n.replace(",", "")),
+        "tokens": int(toks.replace(",", "")),
+        "seconds": float(secs),
+        "sentences_per_s": float(sps),
+        "tokens_per_s": float(tps),
+    }
 
 
 def collect(gen_out, spm_model, n, out, what="test lines"):
@@ -62,6 +71,7 @@ def collect(gen_out, spm_model, n, out, what="test lines"):
     model, written to OUT in input order (atomically). Returns the decoded lines."""
     from . import subwords
     from .files import write_lines_atomic
+
     pieces = read_hypotheses(gen_out, n, what)
     sp = subwords.load(spm_model)
     lines = [sp.decode_pieces(h.split()) for h in pieces]

@@ -1,4 +1,5 @@
 """fairseq's --log-format json records (as written by --log-file, or in a console log)."""
+
 import json
 from pathlib import Path
 

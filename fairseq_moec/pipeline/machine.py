@@ -1,5 +1,6 @@
 """What a measurement ran on: the machine, its load, and the exact code (git commit, and whether the tree differed
 from it). Every benchmark JSON carries this, so that a figure can be traced to the code that produced it."""
+
 import datetime
 import os
 import platform
@@ -7,8 +8,16 @@ import subprocess
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the repository this package runs from
-ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD",
-            "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "CUDA_VISIBLE_DEVICES")
+ENV_KEYS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "THP_MEM_ALLOC_ENABLE",
+    "LD_PRELOAD",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 def _git(root, *args):
@@ -36,8 +45,11 @@ def code_info(root=CHECKOUT):
     """{'git_commit', 'git_dirty', 'git_changes'}: the code behind a result. Dirty = `git status --porcelain` is
     not empty, so the commit alone does not reproduce the result (the first 50 changed paths are listed)."""
     changes = git_changes(root)
-    return {"git_commit": git_commit(root), "git_dirty": None if changes is None else bool(changes),
-            "git_changes": None if changes is None else changes[:50]}
+    return {
+        "git_commit": git_commit(root),
+        "git_dirty": None if changes is None else bool(changes),
+        "git_changes": None if changes is None else changes[:50],
+    }
 
 
 def loadavg():
@@ -58,11 +70,21 @@ def cpu_model():
 def machine_info(device="cpu", threads=None, root=CHECKOUT):
     """The machine and code of a benchmark run; call ``finish`` at the end for the load then and the wall time."""
     import torch
-    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "cores": os.cpu_count(),
-            "cpu": cpu_model(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "loadavg_at_start": loadavg(), "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
-            "device": str(device), **code_info(root)}
+
+    info = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": threads or torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "loadavg_at_start": loadavg(),
+        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
+        "device": str(device),
+        **code_info(root),
+    }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -71,6 +93,7 @@ def machine_info(device="cpu", threads=None, root=CHECKOUT):
 def finish(info, t_start):
     """Add the load average at the end and the elapsed seconds since T_START (time.time()) to INFO."""
     import time
+
     info["loadavg_at_end"] = loadavg()
     info["elapsed_s"] = round(time.time() - t_start)
     return info

@@ -1,4 +1,5 @@
 """translation_moec: fairseq's translation task, driving the cluster-dropout schedule of MoE layers."""
+
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,10 +17,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TranslationMoECConfig(TranslationConfig):
-    inference_experts: ChoiceEnum(["all", "training-mask"]) = field(default="all", metadata={
-        "help": "experts that validation, generation and interactive translation route to: 'all', or "
-                "'training-mask': only the survivors of the cluster-dropout mask saved with the model (the mask of "
-                "its last training update), as the official MoEC code does; for comparison"})
+    inference_experts: ChoiceEnum(["all", "training-mask"]) = field(
+        default="all",
+        metadata={
+            "help": "experts that validation, generation and interactive translation route to: 'all', or "
+            "'training-mask': only the survivors of the cluster-dropout mask saved with the model (the mask of "
+            "its last training update), as the official MoEC code does; for comparison"
+        },
+    )
 
 
 def keep_training_mask(model, keep: bool) -> None:
@@ -55,12 +60,14 @@ class TranslationMoECTask(TranslationTask):
     def _fit_source(self, tokens: torch.Tensor, limit: int) -> torch.Tensor:
         if tokens.numel() <= limit:
             return tokens
-        logger.warning(f"an input of {tokens.numel()} tokens ({self.src_dict.string(tokens[:8])} ...) is longer than "
-                       f"the {limit} source positions allowed (the model's, or --max-source-positions if fewer): "
-                       f"translating its first {limit - 1} tokens only. "
-                       f"Split longer lines to translate all of their text")
+        logger.warning(
+            f"an input of {tokens.numel()} tokens ({self.src_dict.string(tokens[:8])} ...) is longer than "
+            f"the {limit} source positions allowed (the model's, or --max-source-positions if fewer): "
+            f"translating its first {limit - 1} tokens only. "
+            f"Split longer lines to translate all of their text"
+        )
         eos = tokens[-1:] if tokens[-1] == self.src_dict.eos() else tokens[:0]
-        return torch.cat([tokens[:limit - len(eos)], eos])
+        return torch.cat([tokens[: limit - len(eos)], eos])
 
     def valid_step(self, sample, model, criterion):
         model.eval()  # all experts, unless --inference-experts training-mask
@@ -81,5 +88,10 @@ class TranslationMoECTask(TranslationTask):
 
 def empty_hypothesis(eos: int) -> dict:
     """An empty translation as fairseq's SequenceGenerator returns hypotheses (score 0: it is not the model's)."""
-    return {"tokens": torch.tensor([eos]), "score": torch.tensor(0.0), "attention": torch.empty(0),
-            "alignment": torch.empty(0), "positional_scores": torch.zeros(1)}
+    return {
+        "tokens": torch.tensor([eos]),
+        "score": torch.tensor(0.0),
+        "attention": torch.empty(0),
+        "alignment": torch.empty(0),
+        "positional_scores": torch.zeros(1),
+    }

@@ -5,12 +5,14 @@
 
 --by updates picks checkpoint_<epoch>_<updates>.pt (written with --save-interval-updates), --by epochs picks
 checkpoint<epoch>.pt. A checkpoint of an expert-parallel run (experts sharded over W processes in
-NAME-expert-rank{r}.pt files) is first merged into one with all experts. Floating-point tensors are averaged in fp32 (or fp64) and cast back; other tensors (e.g.
-the cluster-dropout mask and its period, which are state, not weights) are taken from the newest checkpoint.
+NAME-expert-rank{r}.pt files) is first merged into one with all experts. Floating-point tensors are averaged in
+fp32 (or fp64) and cast back; other tensors (e.g. the cluster-dropout mask and its period, which are state, not
+weights) are taken from the newest checkpoint.
 The output is the newest checkpoint with the averaged model and without the optimizer state (generation does
 not need it; it is the bulk of the file). Checkpoints are read with torch's weights_only loader, which the
 fairseq_moec plugin extends with exactly the globals fairseq checkpoints need.
 """
+
 import argparse
 import os
 import re
@@ -36,16 +38,21 @@ def consolidate(path: str, state: dict) -> dict:
         return state
     world, token = int(meta.get("world_size", 1)), meta.get("token")
     from fairseq_moec import sharded_checkpoint as sc
+
     shards = []
     for r in range(1, world):
         shard_file = sc.shard_path(path, r)
         if not os.path.isfile(shard_file):
-            die(f"{path} was written by {world} expert-parallel processes, but the experts of process {r} "
-                f"({shard_file}) are missing: copy all of its *-expert-rank*.pt files along with it")
+            die(
+                f"{path} was written by {world} expert-parallel processes, but the experts of process {r} "
+                f"({shard_file}) are missing: copy all of its *-expert-rank*.pt files along with it"
+            )
         shard = sc.load(shard_file)
         if shard.get(EXPERT_PARALLEL_META, {}).get("token") != token:
-            die(f"{shard_file} does not belong to {path} (written by another save): cannot average a "
-                f"checkpoint whose expert shards are inconsistent")
+            die(
+                f"{shard_file} does not belong to {path} (written by another save): cannot average a "
+                f"checkpoint whose expert shards are inconsistent"
+            )
         shard.pop("optimizer", None)
         shards.append(shard)
     state.pop("last_optimizer_state", None)
@@ -63,8 +70,11 @@ def find_checkpoints(directory: str, last: int, by: str) -> List[str]:
         if m:
             found.append((int(m.group(m.lastindex)), os.path.join(directory, name)))
     if not found:
-        hint = ("checkpoint_<epoch>_<updates>.pt files: train with --save-interval-updates, or use --by epochs"
-                if by == "updates" else "checkpoint<epoch>.pt files: did training use --no-epoch-checkpoints?")
+        hint = (
+            "checkpoint_<epoch>_<updates>.pt files: train with --save-interval-updates, or use --by epochs"
+            if by == "updates"
+            else "checkpoint<epoch>.pt files: did training use --no-epoch-checkpoints?"
+        )
         die(f"no {hint} in {directory}")
     found.sort()
     chosen = [p for _, p in found[-last:]]
@@ -75,6 +85,7 @@ def find_checkpoints(directory: str, last: int, by: str) -> List[str]:
 
 def load_state(path: str):
     import torch
+
     if not os.path.isfile(path):
         die(f"checkpoint not found: {path}")
     try:
@@ -85,6 +96,7 @@ def load_state(path: str):
 
 def average(paths: List[str]):
     import torch
+
     sums, newest = None, None
     paths = [str(p) for p in paths]
     for i, path in enumerate(paths):
@@ -93,15 +105,23 @@ def average(paths: List[str]):
         if not isinstance(model, dict) or not model:
             die(f"{path} has no model parameters: not a fairseq checkpoint")
         if sums is None:
-            sums = {k: (v.to(torch.float64 if v.dtype == torch.float64 else torch.float32).clone()
-                        if v.is_floating_point() else None) for k, v in model.items()}
+            sums = {
+                k: (
+                    v.to(torch.float64 if v.dtype == torch.float64 else torch.float32).clone()
+                    if v.is_floating_point()
+                    else None
+                )
+                for k, v in model.items()
+            }
             dtypes = {k: v.dtype for k, v in model.items()}
             shapes = {k: v.shape for k, v in model.items()}
         else:
             if set(model) != set(sums):
                 extra, missing = sorted(set(model) - set(sums)), sorted(set(sums) - set(model))
-                die(f"{path} does not have the parameters of {paths[0]} (extra: {extra[:3]}, missing: "
-                    f"{missing[:3]}): checkpoints of different models cannot be averaged")
+                die(
+                    f"{path} does not have the parameters of {paths[0]} (extra: {extra[:3]}, missing: "
+                    f"{missing[:3]}): checkpoints of different models cannot be averaged"
+                )
             for k, v in model.items():
                 if v.shape != shapes[k]:
                     die(f"{path}: {k} has shape {tuple(v.shape)}, not {tuple(shapes[k])} as in {paths[0]}")
@@ -134,6 +154,7 @@ def main():
     paths = args.inputs if args.inputs else find_checkpoints(args.dir, args.last, args.by)
     allow_fairseq_checkpoint_globals()
     import torch
+
     state = average(paths)
     with atomic_path(args.output) as tmp:
         torch.save(state, tmp)

@@ -15,6 +15,7 @@ is refused rather than used unverified. Lines are split on '\\n' only. Any incon
 missing member, a source/target line-count mismatch, an empty corpus, a malformed sgm file, or a truncated
 archive.
 """
+
 import argparse
 import hashlib
 import json
@@ -32,16 +33,23 @@ SRC, TGT = "en", "de"
 
 def train_corpora(nc_version: int) -> List[Tuple[str, str, str]]:
     """(name, archive, member prefix): the member is PREFIX.en / PREFIX.de."""
-    nc = {9: ("news-commentary-v9", "training-parallel-nc-v9.tgz", "training/news-commentary-v9.de-en"),
-          12: ("news-commentary-v12", "training-parallel-nc-v12.tgz", "training/news-commentary-v12.de-en")}
-    return [("europarl-v7", "training-parallel-europarl-v7.tgz", "training/europarl-v7.de-en"),
-            ("commoncrawl", "training-parallel-commoncrawl.tgz", "commoncrawl.de-en"),
-            nc[nc_version]]
+    nc = {
+        9: ("news-commentary-v9", "training-parallel-nc-v9.tgz", "training/news-commentary-v9.de-en"),
+        12: ("news-commentary-v12", "training-parallel-nc-v12.tgz", "training/news-commentary-v12.de-en"),
+    }
+    return [
+        ("europarl-v7", "training-parallel-europarl-v7.tgz", "training/europarl-v7.de-en"),
+        ("commoncrawl", "training-parallel-commoncrawl.tgz", "commoncrawl.de-en"),
+        nc[nc_version],
+    ]
 
 
 DEV = ("newstest2013", "dev.tgz", "dev/newstest2013")
-TEST = ("newstest2014", "test-full.tgz",
-        {SRC: "test-full/newstest2014-deen-src.en.sgm", TGT: "test-full/newstest2014-deen-ref.de.sgm"})
+TEST = (
+    "newstest2014",
+    "test-full.tgz",
+    {SRC: "test-full/newstest2014-deen-src.en.sgm", TGT: "test-full/newstest2014-deen-ref.de.sgm"},
+)
 
 
 def archives_needed(nc_version: int, holdout_every: int) -> List[str]:
@@ -52,6 +60,7 @@ def archives_needed(nc_version: int, holdout_every: int) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- archives
+
 
 class HashingReader:
     """A binary file read through ``read``, hashing every byte it returns (what tarfile's stream mode needs)."""
@@ -75,8 +84,10 @@ def verified_sha256(archive: str) -> str:
     """The sha256 recorded by fetch.py when it verified ``archive`` (ORIG/FILE.sha256, 'HEX  FILE')."""
     record = archive + ".sha256"
     if not os.path.isfile(record):
-        die(f"archive {archive} was never verified (no {os.path.basename(record)} beside it): fetch it with "
-            f"scripts/prepare-wmt14en2de.sh, which verifies its checksum")
+        die(
+            f"archive {archive} was never verified (no {os.path.basename(record)} beside it): fetch it with "
+            f"scripts/prepare-wmt14en2de.sh, which verifies its checksum"
+        )
     with open(record, encoding="utf-8") as f:
         return f.read().split()[0]
 
@@ -84,9 +95,11 @@ def verified_sha256(archive: str) -> str:
 def check_unchanged(archive: str, got: str, want: str) -> None:
     if got != want:
         target = os.path.realpath(archive)
-        die(f"archive {archive}{f' (a link to {target})' if target != os.path.abspath(archive) else ''} changed "
+        die(
+            f"archive {archive}{f' (a link to {target})' if target != os.path.abspath(archive) else ''} changed "
             f"after it was verified: its sha256 is now {got}, verified {want}. Put the verified file back, or "
-            f"delete {archive} and {archive}.sha256 and rerun to verify the new one")
+            f"delete {archive} and {archive}.sha256 and rerun to verify the new one"
+        )
 
 
 def read_members(archive: str, wanted: Dict[str, str], parts: str) -> Dict[str, str]:
@@ -106,9 +119,10 @@ def read_members(archive: str, wanted: Dict[str, str], parts: str) -> Dict[str, 
                 if name not in wanted or not m.isfile():
                     continue
                 dest, bad = os.path.join(parts, wanted[name]), 0
-                with open(dest, "w", encoding="utf-8", newline="\n") as out, \
-                        progress(total=m.size, unit="B", unit_scale=True, desc=f"read {wanted[name]}",
-                                 leave=False) as bar:
+                with (
+                    open(dest, "w", encoding="utf-8", newline="\n") as out,
+                    progress(total=m.size, unit="B", unit_scale=True, desc=f"read {wanted[name]}", leave=False) as bar,
+                ):
                     for raw in tar.extractfile(m):
                         bar.update(len(raw))
                         raw = raw.rstrip(b"\n")
@@ -127,16 +141,21 @@ def read_members(archive: str, wanted: Dict[str, str], parts: str) -> Dict[str, 
         check_unchanged(archive, reader.hexdigest_to_end(), want_sha)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         check_unchanged(archive, reader.hexdigest_to_end(), want_sha)  # a replaced file explains the error best
-        die(f"archive {archive} is truncated or corrupt ({type(e).__name__}: {e}). Delete it and rerun "
-            f"to fetch it again")
+        die(
+            f"archive {archive} is truncated or corrupt ({type(e).__name__}: {e}). Delete it and rerun "
+            f"to fetch it again"
+        )
     finally:
         raw_file.close()
     missing = [w for w in wanted if w not in found]
     if missing:
         stem = os.path.basename(missing[0]).split(".")[0]
         near = [n for n in names if stem in n][:5]
-        die(f"archive {archive} has no member {missing[0]}" + (f" (similar: {', '.join(near)})" if near else "")
-            + "; is it the right archive?")
+        die(
+            f"archive {archive} has no member {missing[0]}"
+            + (f" (similar: {', '.join(near)})" if near else "")
+            + "; is it the right archive?"
+        )
     return found
 
 
@@ -149,8 +168,10 @@ def read_pair(orig: str, label: str, archive: str, members: Dict[str, str], part
     out = {lang: got[m] for lang, m in members.items()}
     n_src, n_tgt = count_lines(out[SRC]), count_lines(out[TGT])
     if n_src != n_tgt:
-        die(f"{label}: {n_src} {SRC} lines but {n_tgt} {TGT} lines in {archive} ({members[SRC]} vs "
-            f"{members[TGT]}): the corpus is misaligned")
+        die(
+            f"{label}: {n_src} {SRC} lines but {n_tgt} {TGT} lines in {archive} ({members[SRC]} vs "
+            f"{members[TGT]}): the corpus is misaligned"
+        )
     if n_src == 0:
         die(f"{label}: {members[SRC]} and {members[TGT]} in {archive} are empty")
     return out
@@ -207,12 +228,13 @@ def read_test(orig: str, parts: str) -> Dict[str, List[str]]:
     if not os.path.exists(path):
         die(f"archive not fetched: {path}")
     got = read_members(path, {m: f"{label}.{lang}.sgm" for lang, m in members.items()}, parts)
-    parsed = {lang: parse_sgm(read_lines(got[m], m, allow_empty=True), f"{archive}:{m}")
-              for lang, m in members.items()}
+    parsed = {lang: parse_sgm(read_lines(got[m], m, allow_empty=True), f"{archive}:{m}") for lang, m in members.items()}
     src, ref = parsed[SRC], parsed[TGT]
     if len(src) != len(ref):
-        die(f"{label}: {len(src)} source segments ({members[SRC]}) but {len(ref)} reference segments "
-            f"({members[TGT]}): the test set is misaligned")
+        die(
+            f"{label}: {len(src)} source segments ({members[SRC]}) but {len(ref)} reference segments "
+            f"({members[TGT]}): the test set is misaligned"
+        )
     for (ks, _), (kr, _) in zip(src, ref):
         if ks != kr:
             die(f"{label}: source segment {ks} is paired with reference segment {kr}: the sgm files disagree")
@@ -221,14 +243,18 @@ def read_test(orig: str, parts: str) -> Dict[str, List[str]]:
 
 # ---------------------------------------------------------------------------------------------- main
 
+
 def concatenate(parts: List[Dict[str, str]], out: str, holdout_every: int) -> Tuple[int, int]:
     """Write OUT/train.{en,de} (and with holdout, OUT/valid.{en,de}) from the corpus copies, streaming."""
     n_train = n_valid = 0
     for lang in (SRC, TGT):
         i = n_train = n_valid = 0
-        with open(os.path.join(out, f"train.{lang}"), "w", encoding="utf-8", newline="\n") as train, \
-                open(os.path.join(out, f"valid.{lang}") if holdout_every else os.devnull, "w",
-                     encoding="utf-8", newline="\n") as valid:
+        with (
+            open(os.path.join(out, f"train.{lang}"), "w", encoding="utf-8", newline="\n") as train,
+            open(
+                os.path.join(out, f"valid.{lang}") if holdout_every else os.devnull, "w", encoding="utf-8", newline="\n"
+            ) as valid,
+        ):
             for corpus in parts:
                 for line in iter_lines(corpus[lang]):
                     i += 1
@@ -246,8 +272,12 @@ def main():
     ap.add_argument("--orig", required=True, help="directory holding the verified archives")
     ap.add_argument("--out", required=True, help="output directory (must exist)")
     ap.add_argument("--nc-version", type=int, choices=(9, 12), default=9)
-    ap.add_argument("--holdout-every", type=int, default=0,
-                    help="valid = every N-th training pair instead of newstest2013 (fairseq's script uses 100)")
+    ap.add_argument(
+        "--holdout-every",
+        type=int,
+        default=0,
+        help="valid = every N-th training pair instead of newstest2013 (fairseq's script uses 100)",
+    )
     args = ap.parse_args()
     if args.holdout_every < 0 or args.holdout_every == 1:
         die(f"--holdout-every must be 0 (off) or >= 2, got {args.holdout_every}")

@@ -15,12 +15,12 @@ ORIG/FILE.part and resume from there. With --archives, ORIG/FILE is a link to th
 several GB): extract.py hashes the bytes it reads and refuses them unless they match ORIG/FILE.sha256, so a
 copy replaced after verification is never used.
 """
+
 import argparse
 import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from typing import Dict, NamedTuple, Optional
 
@@ -81,8 +81,10 @@ def apply_user_checksums(table: Dict[str, Entry], path: str) -> None:
 def digests(path: str):
     sha, md5 = hashlib.sha256(), hashlib.md5()
     size = os.path.getsize(path)
-    with open(path, "rb") as f, progress(total=size, unit="B", unit_scale=True,
-                                         desc=f"checksum {os.path.basename(path)}", leave=False) as bar:
+    with (
+        open(path, "rb") as f,
+        progress(total=size, unit="B", unit_scale=True, desc=f"checksum {os.path.basename(path)}", leave=False) as bar,
+    ):
         for block in iter(lambda: f.read(1 << 22), b""):
             sha.update(block)
             md5.update(block)
@@ -95,13 +97,17 @@ def verify(path: str, name: str, entry: Entry, strict: bool) -> str:
     sha, md5 = digests(path)
     for alg, want, got in (("sha256", entry.sha256, sha), ("md5", entry.md5, md5)):
         if want is not None and want != got:
-            raise ChecksumMismatch(f"checksum mismatch for {name}: expected {alg} {want}, got {got} ({path}). The file is corrupt, "
+            raise ChecksumMismatch(
+                f"checksum mismatch for {name}: expected {alg} {want}, got {got} ({path}). The file is corrupt, "
                 f"incomplete or not the expected release. If you have checked that this file is genuine (e.g. "
                 f"the publisher re-packed it), record its sha256 with --checksums or in the table of "
-                f"scripts/prepare-wmt14en2de.sh")
+                f"scripts/prepare-wmt14en2de.sh"
+            )
     if entry.sha256 is None and entry.md5 is None:
-        msg = (f"no checksum known for {name}: it is UNVERIFIED. Its sha256 is {sha}; check it against a "
-               f"trusted source and record it in the table of scripts/prepare-wmt14en2de.sh (or --checksums)")
+        msg = (
+            f"no checksum known for {name}: it is UNVERIFIED. Its sha256 is {sha}; check it against a "
+            f"trusted source and record it in the table of scripts/prepare-wmt14en2de.sh (or --checksums)"
+        )
         if strict:
             die(msg + " (--strict-checksums)")
         warn(msg)
@@ -113,8 +119,22 @@ def verify(path: str, name: str, entry: Entry, strict: bool) -> str:
 def _downloader(url: str, part: str):
     if shutil.which("curl"):
         # -C -: continue from the size of PART; -f: an HTTP error is a failure, not a saved error page.
-        return ["curl", "-fL", "--retry", "3", "--retry-delay", "5", "--connect-timeout", "30",
-                "--progress-bar", "-C", "-", "-o", part, url]
+        return [
+            "curl",
+            "-fL",
+            "--retry",
+            "3",
+            "--retry-delay",
+            "5",
+            "--connect-timeout",
+            "30",
+            "--progress-bar",
+            "-C",
+            "-",
+            "-o",
+            part,
+            url,
+        ]
     if shutil.which("wget"):
         return ["wget", "-c", "--tries=3", "--waitretry=5", "--timeout=30", "-O", part, url]
     die("neither curl nor wget is installed: cannot download")
@@ -126,8 +146,10 @@ CURL_CANNOT_RESUME = {33, 36}  # server refuses byte ranges / bad resume offset:
 def download(url: str, part: str, attempts: int) -> None:
     for attempt in range(1, attempts + 1):
         have = os.path.getsize(part) if os.path.exists(part) else 0
-        log(f"[fetch] {url} -> {part} (attempt {attempt}/{attempts}"
-            + (f", resuming after {have} bytes)" if have else ")"))
+        log(
+            f"[fetch] {url} -> {part} (attempt {attempt}/{attempts}"
+            + (f", resuming after {have} bytes)" if have else ")")
+        )
         rc = subprocess.call(_downloader(url, part))
         if rc == 0:
             return
@@ -139,8 +161,9 @@ def download(url: str, part: str, attempts: int) -> None:
     die(f"download failed after {attempts} attempts: {url}. The partial file {part} is kept: rerun to resume")
 
 
-def fetch_one(name: str, entry: Entry, orig: str, archives: Optional[str], mirror: Optional[str],
-              strict: bool, attempts: int) -> None:
+def fetch_one(
+    name: str, entry: Entry, orig: str, archives: Optional[str], mirror: Optional[str], strict: bool, attempts: int
+) -> None:
     final = os.path.join(orig, name)
     if os.path.exists(final):
         log(f"[fetch] {name}: already fetched and verified (its bytes are checked again as they are read)")

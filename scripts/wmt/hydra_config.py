@@ -12,6 +12,7 @@ composes them, for the recipe's scripts.
 CONFIG is an experiment name (moec64_big) or its YAML file. OVERRIDES are hydra overrides, as given to
 fairseq-hydra-train (task.data=DIR, dataset.max_tokens=2048, ...). Bad input: one 'error:' line, exit 2.
 """
+
 import argparse
 import logging
 import os
@@ -50,7 +51,8 @@ def compose(config: str, overrides: Sequence[str] = (), with_plugin: bool = Fals
     that the defaults of its task, criterion and optimizer are filled in too (fairseq-hydra-train fills them
     later, when it builds them)."""
     from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
@@ -111,8 +113,10 @@ def derive_update_freq(cfg, gpus: Optional[int], tokens_per_update: int) -> int:
         gpus = 1 if cfg.common.cpu else max(1, detect_gpus())
     uf = update_freq(tokens_per_update, max_tokens, gpus)
     got = gpus * max_tokens * uf
-    msg = (f"[config] {gpus} GPU(s) x dataset.max_tokens {max_tokens} x optimization.update_freq {uf} = {got} "
-           f"tokens per update (the target: {tokens_per_update})")
+    msg = (
+        f"[config] {gpus} GPU(s) x dataset.max_tokens {max_tokens} x optimization.update_freq {uf} = {got} "
+        f"tokens per update (the target: {tokens_per_update})"
+    )
     if abs(got - tokens_per_update) > 0.1 * tokens_per_update:
         warn(msg + ": off by more than 10%; pass optimization.update_freq=[N] or dataset.max_tokens=N to choose")
     else:
@@ -133,6 +137,7 @@ def positive_int(flag: str):
         if not text.isdigit() or int(text) < 1:
             die(f"{flag} must be a positive integer, got {text!r}")
         return int(text)
+
     return parse
 
 
@@ -141,7 +146,7 @@ def main() -> int:
     overrides: List[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1:]
+        argv, overrides = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list")

@@ -6,12 +6,12 @@ The same steps as fairseq's prepare-wmt14en2de.sh (normalize-punctuation.perl, r
 tokenizer.perl -a), without XML escaping (escape=False): sentencepiece follows, and evaluation undoes the
 tokenization with the Moses detokenizer. Output has exactly one line per input line.
 """
+
 import argparse
 import multiprocessing as mp
 import os
 
 import regex
-
 from wmt_common import count_lines, die, iter_lines, log, main_guard, progress
 
 _NON_PRINTING = regex.compile(r"\p{C}")  # what remove-non-printing-char.perl replaces by a space
@@ -22,6 +22,7 @@ _worker = None
 class Preprocessor:
     def __init__(self, lang: str):
         from sacremoses import MosesPunctNormalizer, MosesTokenizer
+
         self.normalizer = MosesPunctNormalizer(lang=lang)
         self.tokenizer = MosesTokenizer(lang=lang)
 
@@ -57,8 +58,10 @@ def tokenize_file(src: str, dst: str, lang: str, workers: int, chunk_size: int, 
     if not os.path.isfile(src):
         die(f"input not found: {src}")
     total, written, name = count_lines(src), 0, os.path.basename(src)
-    with open(dst, "w", encoding="utf-8", newline="\n") as out, \
-            progress(total=total, unit=" lines", desc=f"tokenize {name}") as bar:
+    with (
+        open(dst, "w", encoding="utf-8", newline="\n") as out,
+        progress(total=total, unit=" lines", desc=f"tokenize {name}") as bar,
+    ):
         if pool is not None and total > chunk_size:
             results = pool.imap(_chunk, _chunks(src, chunk_size))  # imap keeps the order
         else:

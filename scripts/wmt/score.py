@@ -11,6 +11,7 @@
    corpus BLEU on those tokens (sacrebleu with tokenize=none).
 Writes DIR/hyps.detok.txt, DIR/results.json and DIR/results.txt, each atomically.
 """
+
 import argparse
 import json
 import os
@@ -27,6 +28,7 @@ class Detokenizer:
         from sacremoses import MosesDetokenizer
 
         from fairseq_moec.pipeline import subwords
+
         self.sp = subwords.load(spm_model)
         self.moses = MosesDetokenizer(lang=lang)
 
@@ -39,9 +41,9 @@ class Detokenizer:
 
 def compound_split_tokens(lines, lang: str):
     from sacremoses import MosesTokenizer
+
     tok = MosesTokenizer(lang=lang)
-    return [_COMPOUND.sub(r"\1 ##AT##-##AT## \2", tok.tokenize(line, escape=False, return_str=True))
-            for line in lines]
+    return [_COMPOUND.sub(r"\1 ##AT##-##AT## \2", tok.tokenize(line, escape=False, return_str=True)) for line in lines]
 
 
 def main():
@@ -68,7 +70,8 @@ def main():
     s = scores.bleu_chrf(hyps_detok, refs)  # sacrebleu's defaults: BLEU with 13a, chrF
     sacre, chrf = s["bleu"], s["chrf"]
     tok_bleu = BLEU(tokenize="none", force=True).corpus_score(
-        compound_split_tokens(hyps_detok, args.lang), [compound_split_tokens(refs, args.lang)])
+        compound_split_tokens(hyps_detok, args.lang), [compound_split_tokens(refs, args.lang)]
+    )
 
     meta = {}
     for kv in args.meta:
@@ -79,8 +82,10 @@ def main():
     results = {
         "sacrebleu": {"score": round(sacre.score, 2), "signature": s["bleu_signature"], "detail": str(sacre)},
         "tokenized_bleu_compound_split": {
-            "score": round(tok_bleu.score, 2), "detail": str(tok_bleu),
-            "method": "Moses tokenizer + ##AT##-##AT## compound splitting, corpus BLEU on tokens (multi-bleu style)"},
+            "score": round(tok_bleu.score, 2),
+            "detail": str(tok_bleu),
+            "method": "Moses tokenizer + ##AT##-##AT## compound splitting, corpus BLEU on tokens (multi-bleu style)",
+        },
         "chrf": {"score": round(chrf.score, 2), "signature": s["chrf_signature"]},
         "sentences": len(refs),
         "reference": os.path.abspath(args.ref),
@@ -88,11 +93,12 @@ def main():
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         **meta,
     }
-    text = (f"BLEU (sacrebleu, detokenized):   {sacre.score:.2f}   {s['bleu_signature']}\n"
-            f"BLEU (tokenized, compound split): {tok_bleu.score:.2f}   (Moses tokenizer, ##AT##-##AT##, multi-bleu style)\n"
-            f"chrF:                             {chrf.score:.2f}   {s['chrf_signature']}\n"
-            f"sentences: {len(refs)}\n"
-            + "".join(f"{k}: {v}\n" for k, v in meta.items()))
+    text = (
+        f"BLEU (sacrebleu, detokenized):   {sacre.score:.2f}   {s['bleu_signature']}\n"
+        f"BLEU (tokenized, compound split): {tok_bleu.score:.2f}   (Moses tokenizer, ##AT##-##AT##, multi-bleu style)\n"
+        f"chrF:                             {chrf.score:.2f}   {s['chrf_signature']}\n"
+        f"sentences: {len(refs)}\n" + "".join(f"{k}: {v}\n" for k, v in meta.items())
+    )
     write_text_atomic(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     write_text_atomic(os.path.join(args.out_dir, "results.txt"), text)
     print(text, end="")

@@ -8,6 +8,7 @@ The filter counts subword tokens (as fairseq's script, which filters after BPE) 
 side has fewer than --min-len or more than --max-len tokens, or one side is more than --ratio times as long
 as the other.
 """
+
 import argparse
 import json
 import os
@@ -42,21 +43,33 @@ def coverage_arg(text: str) -> float:
 
 def cmd_train(args):
     from fairseq_moec.pipeline import files, subwords
+
     for path in args.inputs:
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             die(f"sentencepiece training input missing or empty: {path}")
-    log(f"[subword] training a joint sentencepiece {args.model_type} model, vocabulary {args.vocab_size}, "
-        f"on {', '.join(args.inputs)} (sampling at most {args.input_sentence_size} sentences)")
+    log(
+        f"[subword] training a joint sentencepiece {args.model_type} model, vocabulary {args.vocab_size}, "
+        f"on {', '.join(args.inputs)} (sampling at most {args.input_sentence_size} sentences)"
+    )
     try:
-        subwords.train_sentencepiece(args.inputs, args.model_prefix, args.vocab_size, args.model_type,
-                                     args.character_coverage, args.input_sentence_size, shuffle=True,
-                                     threads=args.threads, log_level=0 if args.verbose else 1)
+        subwords.train_sentencepiece(
+            args.inputs,
+            args.model_prefix,
+            args.vocab_size,
+            args.model_type,
+            args.character_coverage,
+            args.input_sentence_size,
+            shuffle=True,
+            threads=args.threads,
+            log_level=0 if args.verbose else 1,
+        )
     except files.PipelineError as e:
         die(f"{e}" + (" (lower --vocab-size for a corpus this small)" if "ocabulary size" in str(e) else ""))
 
 
 def cmd_encode(args):
     from fairseq_moec.pipeline import subwords
+
     if len(args.files) % 2:
         die("expected pairs of input and output paths")
     sp = subwords.load(args.model)
@@ -78,10 +91,16 @@ def cmd_filter(args):
     if n_src != n_tgt:
         die(f"cannot filter: {args.src_in} has {n_src} lines but {args.tgt_in} has {n_tgt}")
     kept = dropped = 0
-    with open(args.src_out, "w", encoding="utf-8", newline="\n") as fs, \
-            open(args.tgt_out, "w", encoding="utf-8", newline="\n") as ft:
-        for s, t in progress(zip(iter_lines(args.src_in), iter_lines(args.tgt_in)), total=n_src,
-                             unit=" pairs", desc=f"filter {os.path.basename(args.src_in)}"):
+    with (
+        open(args.src_out, "w", encoding="utf-8", newline="\n") as fs,
+        open(args.tgt_out, "w", encoding="utf-8", newline="\n") as ft,
+    ):
+        for s, t in progress(
+            zip(iter_lines(args.src_in), iter_lines(args.tgt_in)),
+            total=n_src,
+            unit=" pairs",
+            desc=f"filter {os.path.basename(args.src_in)}",
+        ):
             if keep_pair(len(s.split()), len(t.split()), args.min_len, args.max_len, args.ratio):
                 fs.write(s + "\n")
                 ft.write(t + "\n")
@@ -89,8 +108,10 @@ def cmd_filter(args):
             else:
                 dropped += 1
     if kept == 0:
-        die(f"the length/ratio filter dropped every pair of {args.src_in} (--min-len {args.min_len} "
-            f"--max-len {args.max_len} --ratio {args.ratio})")
+        die(
+            f"the length/ratio filter dropped every pair of {args.src_in} (--min-len {args.min_len} "
+            f"--max-len {args.max_len} --ratio {args.ratio})"
+        )
     log(f"[filter] {os.path.basename(args.src_in)}: kept {kept} of {n_src} pairs, dropped {dropped}")
     if args.stats:
         with open(args.stats, "w") as f:

@@ -6,6 +6,7 @@ interrupted run never leaves a file that looks finished. The pipeline steps shar
 benchmarks (atomic outputs, sentencepiece, hypotheses, sacrebleu) come from fairseq_moec.pipeline, imported when a
 script first needs one: it imports the plugin, and with it fairseq (seconds).
 """
+
 import logging
 import os
 import sys
@@ -60,11 +61,13 @@ def _bad_input(e: BaseException) -> bool:
 def atomic_path(path: str, mode: str = "file"):
     """fairseq_moec.pipeline.files.atomic_path: a temporary path next to ``path``, renamed to it on success."""
     from fairseq_moec.pipeline import files
+
     return files.atomic_path(path, mode)
 
 
 def write_text_atomic(path: str, text: str) -> None:
     from fairseq_moec.pipeline import files
+
     files.write_text_atomic(path, text)
 
 
@@ -121,6 +124,7 @@ def write_lines(path: str, lines: Iterable[str]) -> int:
 def progress(iterable=None, **kwargs):
     """tqdm on stderr, refreshed at most every few seconds when stderr is a log file rather than a terminal."""
     from tqdm import tqdm
+
     kwargs.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 10.0)
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
