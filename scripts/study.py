@@ -106,93 +106,37 @@ def sh(cmd, **kw):
     subprocess.run([str(c) for c in cmd], check=True, env=env, **kw)
 
 
+def flag_list(pairs):
+    """['--name', 'value', ...] from (name, value) pairs, in order; value None: a switch without a value."""
+    return [str(x) for name, value in pairs for x in ((f"--{name}",) if value is None else (f"--{name}", value))]
+
+
 def train_cmd(args, run, data_bin, rdir):
-    cmd = [
-        cli("fairseq-train"),
-        data_bin,
-        "--user-dir",
-        PLUGIN,
-        "--source-lang",
-        SRC,
-        "--target-lang",
-        TGT,
-        *small_model.size_args(),
-        "--dropout",
-        str(args.dropout),
-        "--label-smoothing",
-        "0.1",
-        "--optimizer",
-        "torch_adam",
-        "--adam-betas",
-        "(0.9, 0.98)",
-        "--lr",
-        str(args.lr),
-        "--lr-scheduler",
-        "inverse_sqrt",
-        "--warmup-updates",
-        str(args.warmup),
-        "--warmup-init-lr",
-        "1e-07",
-        "--max-tokens",
-        str(args.max_tokens),
-        "--max-update",
-        str(args.updates),
-        "--seed",
-        str(run.seed),
-        "--num-workers",
-        "0",
-        "--validate-interval-updates",
-        str(args.valid_interval),
-        "--validate-interval",
-        "100000",
-        "--save-interval-updates",
-        str(args.valid_interval),
-        "--save-interval",
-        "100000",
-        "--keep-interval-updates",
-        "1",
-        "--no-epoch-checkpoints",
-        "--best-checkpoint-metric",
-        "loss",
-        "--save-dir",
-        rdir / "checkpoints",
-        "--log-format",
-        "json",
-        "--log-interval",
-        "25",
-        "--log-file",
-        rdir / "train.log",
-        "--no-progress-bar",
-    ]
-    cmd += ["--cpu"] if args.device == "cpu" else []
+    cmd = [cli("fairseq-train"), data_bin] + flag_list(
+        [("user-dir", PLUGIN), ("source-lang", SRC), ("target-lang", TGT)]
+    )
+    cmd += small_model.size_args()
+    cmd += flag_list(
+        [("dropout", args.dropout), ("label-smoothing", "0.1"), ("optimizer", "torch_adam")]
+        + [("adam-betas", "(0.9, 0.98)"), ("lr", args.lr), ("lr-scheduler", "inverse_sqrt")]
+        + [("warmup-updates", args.warmup), ("warmup-init-lr", "1e-07"), ("max-tokens", args.max_tokens)]
+        + [("max-update", args.updates), ("seed", run.seed), ("num-workers", "0")]
+        + [("validate-interval-updates", args.valid_interval), ("validate-interval", "100000")]
+        + [("save-interval-updates", args.valid_interval), ("save-interval", "100000")]
+        + [("keep-interval-updates", "1"), ("no-epoch-checkpoints", None), ("best-checkpoint-metric", "loss")]
+        + [("save-dir", rdir / "checkpoints"), ("log-format", "json"), ("log-interval", "25")]
+        + [("log-file", rdir / "train.log"), ("no-progress-bar", None)]
+        + ([("cpu", None)] if args.device == "cpu" else [])
+    )
     if not run.experts:
-        return cmd + ["--task", "translation", "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy"]
-    return (
-        cmd
-        + [
-            "--task",
-            "translation_moec",
-            "--arch",
-            "moec_transformer",
-            "--criterion",
-            "moec_label_smoothed_cross_entropy",
-            "--moe-encoder-layers",
-            "1",
-            "--moe-decoder-layers",
-            "1",
-            "--moe-expert-count",
-            str(run.experts),
-            "--moe-clusters",
-            str(run.clusters),
-            "--cluster-dropout",
-            str(run.cluster_dropout),
-            "--cluster-dropout-interval",
-            str(args.dropout_interval),
-            "--moe-seed",
-            str(run.seed),
-        ]
-        + list(run.cluster_args)
-    )  # seeds differ in dropout masks too
+        dense = [("task", "translation"), ("arch", "transformer"), ("criterion", "label_smoothed_cross_entropy")]
+        return cmd + flag_list(dense)
+    moe = [("task", "translation_moec"), ("arch", "moec_transformer")]
+    moe += [("criterion", "moec_label_smoothed_cross_entropy"), ("moe-encoder-layers", "1")]
+    moe += [("moe-decoder-layers", "1"), ("moe-expert-count", run.experts), ("moe-clusters", run.clusters)]
+    moe += [("cluster-dropout", run.cluster_dropout), ("cluster-dropout-interval", args.dropout_interval)]
+    moe += [("moe-seed", run.seed)]  # the seeds differ in their cluster-dropout masks too
+    return cmd + flag_list(moe) + list(run.cluster_args)
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -256,35 +200,12 @@ def do_run(args, run, data):
     if run.experts:  # expert shares of the final model over training sentences: sparse allocation
         out = rdir / "routing"
         if not (out / "summary.json").exists():
-            sh(
-                [
-                    sys.executable,
-                    "-m",
-                    "fairseq_moec.analyze",
-                    ckpts / "checkpoint_last.pt",
-                    data / "bin",
-                    "--split",
-                    "train",
-                    "--max-sentences",
-                    "2000",
-                    "--out",
-                    out,
-                    "--no-progress",
-                ]
-                + (["--cpu"] if args.device == "cpu" else []),
-                stdout=subprocess.DEVNULL,
-            )
+            analyze = [sys.executable, "-m", "fairseq_moec.analyze", ckpts / "checkpoint_last.pt", data / "bin"]
+            analyze += flag_list([("split", "train"), ("max-sentences", "2000"), ("out", out), ("no-progress", None)])
+            sh(analyze + (["--cpu"] if args.device == "cpu" else []), stdout=subprocess.DEVNULL)
         routing = study_report.allocation(json.loads((out / "summary.json").read_text()))
-    files.write_json_atomic(
-        rdir / "DONE",
-        {
-            "run": dataclasses.asdict(run),
-            "score": score,
-            "routing": routing,
-            "train_wall_s_last_session": round(train_s),
-            "finished": now(),
-        },
-    )
+    done = {"run": dataclasses.asdict(run), "score": score, "routing": routing, "finished": now()}
+    files.write_json_atomic(rdir / "DONE", dict(done, train_wall_s_last_session=round(train_s)))
     log(f"{run.name}: BLEU {score['bleu']} chrF {score['chrf']}")
 
 
@@ -293,43 +214,16 @@ def evaluate(args, run, data, ckpt, rdir):
     if (rdir / "score.json").exists():
         return json.loads((rdir / "score.json").read_text())
     gen = rdir / "generate.txt"
-    task = (
-        ["--task", "translation"]
-        if not run.experts
-        else ["--task", "translation_moec", "--inference-experts", run.inference_experts]
+    cmd = [cli("fairseq-generate"), data / "bin"] + flag_list(
+        [("user-dir", PLUGIN), ("source-lang", SRC), ("target-lang", TGT), ("gen-subset", "test"), ("path", ckpt)]
+        + [("beam", "4"), ("batch-size", "128"), ("required-batch-size-multiple", "1"), ("max-len-a", "1.5")]
+        + [("max-len-b", "10"), ("num-workers", "0")]
+        + ([("task", "translation_moec"), ("inference-experts", run.inference_experts)] if run.experts else [])
+        + ([] if run.experts else [("task", "translation")])
+        + ([("cpu", None)] if args.device == "cpu" else [])
     )
     with open(f"{gen}.tmp", "w", encoding="utf-8") as f:
-        sh(
-            [
-                cli("fairseq-generate"),
-                data / "bin",
-                "--user-dir",
-                PLUGIN,
-                "--source-lang",
-                SRC,
-                "--target-lang",
-                TGT,
-                "--gen-subset",
-                "test",
-                "--path",
-                ckpt,
-                "--beam",
-                "4",
-                "--batch-size",
-                "128",
-                "--required-batch-size-multiple",
-                "1",
-                "--max-len-a",
-                "1.5",
-                "--max-len-b",
-                "10",
-                "--num-workers",
-                "0",
-            ]
-            + task
-            + (["--cpu"] if args.device == "cpu" else []),
-            stdout=f,
-        )
+        sh(cmd, stdout=f)
     os.replace(f"{gen}.tmp", gen)
     ref = data / "raw" / f"test.{TGT}"
     n = len(files.read_lines(ref))
