@@ -210,15 +210,10 @@ def test_grouped_path_never_reads_device_data_on_the_host(case):
         torch.bincount(torch.zeros(3, dtype=torch.long, device="meta"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="padding removal reads the number of real tokens to the host (nonzero): one "
-    "synchronisation per MoE layer and forward whenever fairseq passes a padding mask",
-)
 def test_grouped_path_with_padding_never_reads_device_data_on_the_host():
-    """Known host read left in the bf16 path: fairseq batches carry padding, and MoELayer removes it with
-    nonzero(). Strict xfail: this turns red (XPASS) once padding is handled without a host read."""
+    """fairseq batches carry padding: the dropless bf16 path routes the padding rows too and masks them out of
+    the output, the losses and the statistics, with no host read (removing them with nonzero() would read the
+    number of real tokens at every MoE layer and forward)."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
     cfg_kwargs, d, ffn = META_CASES["wmt-big"]

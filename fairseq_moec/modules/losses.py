@@ -1,5 +1,7 @@
-"""Auxiliary routing losses and load statistics. Inputs exclude padding; dropped experts (cluster dropout)
-are excluded through ``survivors`` (bool[E]) and have probability 0 in ``probs``."""
+"""Auxiliary routing losses and load statistics. Padding is excluded either by the caller (rows removed) or
+through ``real`` (bool[T], False at padding rows: no row is removed, so no value is read back to the host);
+dropped experts (cluster dropout) are excluded through ``survivors`` (bool[E]) and have probability 0 in
+``probs``."""
 
 from typing import Optional, Tuple
 
@@ -8,16 +10,28 @@ import torch
 EPS = 1e-9
 
 
-def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64: how many routing choices (all k of them) went to each expert. Counted once per forward and
-    shared by dispatch, the balance loss and the statistics. scatter_add_ rather than torch.bincount, which on
-    CUDA reads its input's min and max back to the host."""
+def expert_counts(experts: torch.Tensor, num_experts: int, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[E] int64: how many routing choices (all k of them) of the real tokens went to each expert. Counted once
+    per forward and shared by dispatch, the balance loss and the statistics. scatter_add_ rather than
+    torch.bincount, which on CUDA reads its input's min and max back to the host."""
     flat = experts.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    ones = torch.ones_like(flat) if real is None else real[:, None].expand(experts.shape).reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, ones)
+
+
+def token_mean(values: torch.Tensor, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over tokens (dim 0) of VALUES, over the real tokens only when ``real`` is given (0 if none is)."""
+    if real is None:
+        return values.mean(0)
+    w = real.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+    return (values * w).sum(0) / w.sum().clamp(min=1)
 
 
 def load_balance_loss(
-    probs: torch.Tensor, counts: torch.Tensor, survivors: Optional[torch.Tensor] = None
+    probs: torch.Tensor,
+    counts: torch.Tensor,
+    survivors: Optional[torch.Tensor] = None,
+    real: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Switch Transformer balance loss E' * sum_e f_e * P_e over the E' surviving experts.
 
@@ -25,14 +39,14 @@ def load_balance_loss(
     P_e: mean router probability of e. Equals 1 for a perfectly uniform router.
     """
     f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
-    P = probs.mean(0)
+    P = token_mean(probs, real)
     n = probs.shape[1] if survivors is None else survivors.sum()
     return n * (f * P).sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+def router_z_loss(logits: torch.Tensor, real: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2 (dropped experts at -inf contribute nothing)."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return token_mean(torch.logsumexp(logits, dim=-1).pow(2), real)
 
 
 def num_survivors(probs: torch.Tensor, survivors: Optional[torch.Tensor] = None):
@@ -41,15 +55,17 @@ def num_survivors(probs: torch.Tensor, survivors: Optional[torch.Tensor] = None)
     return probs.shape[1] if survivors is None else survivors.sum()
 
 
-def routing_mass(probs: torch.Tensor, norm: str, survivors: Optional[torch.Tensor] = None) -> torch.Tensor:
+def routing_mass(
+    probs: torch.Tensor, norm: str, survivors: Optional[torch.Tensor] = None, real: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """m_e, the routing mass of each expert.
 
     'relative' (default): E' * mean over tokens of p_e. Every surviving expert of a uniform router has mass 1,
     whatever E and the number of tokens T, so the cluster loss and its weight mean the same at every scale.
     'official': sum over tokens of p_e, as the official MoEC code (so its variance grows with T^2)."""
     if norm == "official":
-        return probs.sum(0)
-    return probs.mean(0) * num_survivors(probs, survivors)
+        return probs.sum(0) if real is None else (probs * real[:, None].to(probs.dtype)).sum(0)
+    return token_mean(probs, real) * num_survivors(probs, survivors)
 
 
 def cluster_variances(
@@ -73,15 +89,21 @@ def cluster_loss(intra: torch.Tensor, inter: torch.Tensor, kind: str) -> torch.T
 
 
 def cluster_terms(
-    probs: torch.Tensor, num_clusters: int, kind: str, norm: str, survivors: Optional[torch.Tensor] = None
+    probs: torch.Tensor,
+    num_clusters: int,
+    kind: str,
+    norm: str,
+    survivors: Optional[torch.Tensor] = None,
+    real: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, intra, inter) of the cluster variance loss; intra and inter always on the 'relative' scale, for the
     logs. norm 'official' reproduces the official code's term: unbiased variance of summed masses, times the E'
     inside its aux loss l_aux = E' * (L_balance + c * V). Its size relative to the default is
     T^2 / E' * m / (m - 1) (m: surviving experts per cluster), see ``official_equivalent_weight``."""
-    intra, inter = cluster_variances(routing_mass(probs, "relative", survivors), num_clusters, survivors)
+    intra, inter = cluster_variances(routing_mass(probs, "relative", survivors, real), num_clusters, survivors)
     if norm == "official":
-        official, _ = cluster_variances(routing_mass(probs, "official"), num_clusters, survivors, unbiased=True)
+        mass = routing_mass(probs, "official", real=real)
+        official, _ = cluster_variances(mass, num_clusters, survivors, unbiased=True)
         return num_survivors(probs, survivors) * cluster_loss(official, inter, kind), intra, inter
     return cluster_loss(intra, inter, kind), intra, inter
 

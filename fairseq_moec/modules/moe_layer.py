@@ -113,18 +113,26 @@ class MoELayer(nn.Module):
         """x: [..., d]; padding_mask: bool, same leading shape as x, True at padding (excluded everywhere)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        # positions of the real tokens: one host read (the number of tokens), shared by gather and scatter
-        keep = None if padding_mask is None else (~padding_mask.reshape(-1)).nonzero().squeeze(1)
-        tokens = x if keep is None else x.index_select(0, keep)
-        out_tokens, r = self._forward_tokens(tokens)
-        if self.keep_routing:
-            positions = torch.arange(x.shape[0], device=x.device) if keep is None else keep
-            self.last_routing = (positions, r.experts.detach(), r.probs.detach())
-        if keep is None:
-            return out_tokens.view(shape)
-        return x.new_zeros(x.shape).index_copy_(0, keep, out_tokens).view(shape)
+        real = None if padding_mask is None else ~padding_mask.reshape(-1)
+        factor = self.cfg.moe_capacity_factor if self.training else self.cfg.moe_eval_capacity_factor
+        if real is not None and factor is not None:
+            # capacity ranks the real tokens only: remove the padding first (one host read, the number of tokens)
+            keep = real.nonzero().squeeze(1)
+            out_tokens, r = self._forward_tokens(x.index_select(0, keep))
+            if self.keep_routing:
+                self.last_routing = (keep, r.experts.detach(), r.probs.detach())
+            return x.new_zeros(x.shape).index_copy_(0, keep, out_tokens).view(shape)
+        # dropless: padding rows are routed and computed like the others, then zeroed, and the losses and
+        # statistics count the real tokens only; no value is read back to the host for the padding
+        out, r = self._forward_tokens(x, real)
+        if self.keep_routing:  # for the analysis tools, which may read the host: the real tokens' routing
+            keep = torch.arange(x.shape[0], device=x.device) if real is None else real.nonzero().squeeze(1)
+            self.last_routing = (keep, r.experts[keep].detach(), r.probs[keep].detach())
+        if real is not None:
+            out = torch.where(real[:, None], out, out.new_zeros(()))
+        return out.view(shape)
 
-    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_tokens(self, x: torch.Tensor, real: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.cfg
         E, T = cfg.moe_expert_count, x.shape[0]
         router_in = x
@@ -134,38 +142,40 @@ class MoELayer(nn.Module):
         r = route(self.router(router_in), cfg.moe_top_k, cfg.cluster_size, survivors, cfg.cluster_dropout_reroute)
         factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor
         expert_fn = self.experts if self.expert_parallel is None else self._run_experts_remotely
-        counts = losses.expert_counts(r.experts, E)
-        out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor), counts)
-        self._record(r, kept, survivors, counts)
+        rows = losses.expert_counts(r.experts, E)  # every row, padding included: the dispatch's groups
+        out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor), rows)
+        counts = rows if real is None else losses.expert_counts(r.experts, E, real)
+        self._record(r, kept, survivors, counts, real)
         return out, r
 
     def _run_experts_remotely(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return run_experts_remotely(rows, counts, self.experts, self.expert_parallel)
 
-    def _record(self, r, kept, survivors, counts) -> None:
+    def _record(self, r, kept, survivors, counts, real=None) -> None:
         cfg = self.cfg
-        if r.probs.shape[0] == 0:  # an all-padding batch: nothing to balance
+        if r.probs.shape[0] == 0:  # no token at all: nothing to balance
             zero = r.probs.new_zeros(())
             self.last_losses = {"balance": zero, "cluster": zero, "z": zero}
             self.last_stats = {}
             return
         cluster, intra, inter = losses.cluster_terms(
-            r.probs, cfg.moe_clusters, cfg.moe_cluster_loss, cfg.moe_cluster_loss_norm, survivors
+            r.probs, cfg.moe_clusters, cfg.moe_cluster_loss, cfg.moe_cluster_loss_norm, survivors, real
         )
         self.last_losses = {
-            "balance": losses.load_balance_loss(r.probs, counts, survivors),
+            "balance": losses.load_balance_loss(r.probs, counts, survivors, real),
             "cluster": cluster if cfg.moe_clusters > 1 else cluster.new_zeros(()),
-            "z": losses.router_z_loss(r.logits),
+            "z": losses.router_z_loss(r.logits, real),
         }
         with torch.no_grad():
             cv, entropy = losses.load_statistics(counts, survivors)
+            tokens = r.probs.new_full((), r.probs.shape[0]) if real is None else real.to(r.probs.dtype).sum()
             self.last_stats = {
                 "load_cv": cv,
                 "load_entropy": entropy,
-                "dropped_frac": 1.0 - kept.float().mean(),
-                "rerouted_frac": r.rerouted.float().mean(),
+                "dropped_frac": 1.0 - losses.token_mean(kept.float(), real).mean(),
+                "rerouted_frac": losses.token_mean(r.rerouted.float(), real),
                 "intra_var": intra.detach(),
                 "inter_var": inter.detach(),
-                "tokens": torch.full((), r.probs.shape[0], dtype=r.probs.dtype, device=r.probs.device),
+                "tokens": tokens,
                 "expert_load": counts.float(),
             }
