@@ -218,8 +218,11 @@ def pairs(done):
 
 
 def plot(rows, means, plot_dir):
+    import logging
+
     import matplotlib
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # an imported module may have set DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -240,6 +243,8 @@ def plot(rows, means, plot_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     _save(fig, plt, Path(plot_dir) / "study_v2_valid_loss.png")
+    if not any(g.startswith("moe") and g.lstrip("moec").isdigit() for g in means):
+        return  # BLEU against E needs at least one finished MoE or MoEC group
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for kind, color in (("moe", "C1"), ("moec", "C2")):
         pts = sorted(
