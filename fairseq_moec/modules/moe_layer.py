@@ -114,8 +114,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         real = None if padding_mask is None else ~padding_mask.reshape(-1)
-        factor = self.cfg.moe_capacity_factor if self.training else self.cfg.moe_eval_capacity_factor
-        if real is not None and factor is not None:
+        if real is not None and self._capacity_factor() is not None:
             # capacity ranks the real tokens only: remove the padding first (one host read, the number of tokens)
             keep = real.nonzero().squeeze(1)
             out_tokens, r = self._forward_tokens(x.index_select(0, keep))
@@ -132,7 +131,11 @@ class MoELayer(nn.Module):
             out = torch.where(real[:, None], out, out.new_zeros(()))
         return out.view(shape)
 
-    def _forward_tokens(self, x: torch.Tensor, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _capacity_factor(self) -> Optional[float]:
+        return self.cfg.moe_capacity_factor if self.training else self.cfg.moe_eval_capacity_factor
+
+    def _forward_tokens(self, x: torch.Tensor, real: Optional[torch.Tensor] = None):
+        """(output rows, routing) of the rows of X; ``real``: False at padding rows (see forward)."""
         cfg = self.cfg
         E, T = cfg.moe_expert_count, x.shape[0]
         router_in = x
@@ -140,7 +143,7 @@ class MoELayer(nn.Module):
             router_in = x * torch.empty_like(x).uniform_(1 - cfg.moe_jitter_eps, 1 + cfg.moe_jitter_eps)
         survivors = self.cluster_dropout.mask()
         r = route(self.router(router_in), cfg.moe_top_k, cfg.cluster_size, survivors, cfg.cluster_dropout_reroute)
-        factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor
+        factor = self._capacity_factor()
         expert_fn = self.experts if self.expert_parallel is None else self._run_experts_remotely
         rows = losses.expert_counts(r.experts, E)  # every row, padding included: the dispatch's groups
         out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor), rows)
