@@ -11,27 +11,30 @@ import torch
 from fairseq_moec.modules import MoEConfig, MoELayer
 
 
+def count(fn):
+    """(number, {file:line: number}) of the host synchronisations of one call of FN, after an uncounted warm-up
+    call (lazy init, first survivor mask), seen by torch.cuda.set_sync_debug_mode('warn')."""
+    fn()
+    torch.cuda.synchronize()
+    where = collections.Counter()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for w in rec:
+        if "synchroniz" in str(w.message).lower():
+            where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return sum(where.values()), dict(where)
+
+
 def sync_check(args, device, dtype):
     """Count host synchronisations of our layer (forward+backward) by source line, and of torch.bincount."""
     res = {}
     T, d, f = args.tokens, args.dim, args.ffn
     E = 64 if 64 in args.experts else args.experts[-1]
-
-    def count(fn):
-        fn()  # warm-up (lazy init, first survivor mask) outside the count
-        torch.cuda.synchronize()
-        where = collections.Counter()
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        for w in rec:
-            if "synchroniz" in str(w.message).lower():
-                where[f"{Path(w.filename).name}:{w.lineno}"] += 1
-        return sum(where.values()), dict(where)
 
     dtypes = [dtype] + ([torch.float32] if dtype != torch.float32 else [])
     for dt in dtypes:

@@ -32,9 +32,9 @@ import argparse
 import collections
 import json
 import sys
-import warnings
 from pathlib import Path
 
+import layer_sync
 import torch
 import torch.nn.functional as F
 
@@ -160,19 +160,8 @@ def update_rounding(lrs=(5e-4, 1e-4, 4.4e-5)):
 
 
 def count_syncs(fn):
-    fn()  # warm-up outside the count
-    torch.cuda.synchronize()
-    where = collections.Counter()
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    for w in rec:
-        if "synchroniz" in str(w.message).lower():
-            where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    """layer_sync.count's synchronisations of FN, plus the profiler's synchronize and device-to-host events."""
+    n, where = layer_sync.count(fn)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -180,7 +169,7 @@ def count_syncs(fn):
         torch.cuda.synchronize()
     names = collections.Counter(e.name for e in prof.events())
     d2h = {k: v for k, v in names.items() if "DtoH" in k or "Synchronize" in k}
-    return {"syncs": sum(where.values()), "where": dict(where), "profiler": d2h}
+    return {"syncs": n, "where": where, "profiler": d2h}
 
 
 def syncs(device, tokens):
