@@ -3,8 +3,9 @@
 With W > 1 processes (torchrun, SLURM) and ``--moe-expert-parallel auto`` each process holds E/W experts of
 every MoE layer (modules/expert_parallel.py moves the tokens). What the model needs, set up when fairseq builds it:
 
-* Placement. ``expert_parallel_for`` says which experts this process holds, and refuses the fairseq options that
-  cannot work with experts that differ between processes.
+* Placement. ``expert_parallel_for`` says which experts this process holds. ``refuse_unsupported`` refuses the
+  fairseq options that cannot work with experts that differ between processes; the Trainer calls it, since only
+  it sees the full config under both fairseq-train and fairseq-hydra-train.
 * Gradients. fairseq wraps the model in DDP, which *averages* gradients over processes, then multiplies all
   gradients by W / sample_size. An expert's gradient already holds the contributions of every process's
   tokens (they came back through the all_to_all), and expert parameters differ between processes, so DDP
@@ -30,7 +31,9 @@ from .modules.config import ConfigError
 
 def expert_parallel_for(args) -> Optional[ExpertParallel]:
     """The expert-parallel placement of this process, or None (one process, or --moe-expert-parallel off).
-    fairseq builds the model after it has set up torch.distributed, so the world is known here."""
+    fairseq builds the model after it has set up torch.distributed, so the world is known here. The options of
+    the other groups are checked by ``refuse_unsupported``: fairseq-hydra-train gives build_model the model's
+    options only."""
     if (
         getattr(args, "moe_expert_parallel", "auto") == "off"
         or not dist.is_available()
@@ -38,44 +41,72 @@ def expert_parallel_for(args) -> Optional[ExpertParallel]:
         or dist.get_world_size() == 1
     ):
         return None
-    W = dist.get_world_size()
-    MoEConfig.from_namespace(args).validate_expert_parallel(W)
-    _refuse_unsupported(args, W)
+    MoEConfig.from_namespace(args).validate_expert_parallel(dist.get_world_size())
     return ExpertParallel.from_default_group()
 
 
-def _refuse_unsupported(args, W: int) -> None:
-    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+def _option(cfg, path: str, default=None):
+    """``cfg.<group>.<name>`` of fairseq's full config, or ``default`` where it is missing or None. fairseq-train
+    and fairseq-hydra-train both give the Trainer the full config (fairseq-train's ``cfg.model`` is its whole
+    argparse namespace), while build_model gets only the model group under fairseq-hydra-train."""
+    group, name = path.split(".")
+    value = getattr(getattr(cfg, group, None), name, None)
+    return default if value is None else value
+
+
+def _spelling(path: str, value=True) -> str:
+    """An option as both entry points spell it: '--zero-sharding os (distributed_training.zero_sharding=os)'."""
+    name = path.split(".")[1]
+    flag = "--" + name.replace("_", "-") + ("" if value is True else f" {value}")
+    return f"{flag} ({path}={str(value).lower() if isinstance(value, bool) else value})"
+
+
+def flattens_gradients(cfg) -> bool:
+    """Whether fairseq's Trainer keeps one flat fp32 copy of all parameters (FP16Optimizer, flatten=True): a
+    single parameter without the ``expert`` attribute, so the gradient norm would mix this process's experts
+    into the 'shared' norm. That is --fp16 alone: --memory-efficient-fp16/bf16 and --amp keep the parameters,
+    --fp16-no-flatten-grads keeps one copy per parameter, and fairseq never flattens for --bf16."""
+    o = lambda path: _option(cfg, path, False)  # noqa: E731
+    other = ("bf16", "amp", "memory_efficient_fp16", "memory_efficient_bf16", "fp16_no_flatten_grads")
+    return bool(o("common.fp16")) and not any(o(f"common.{name}") for name in other)
+
+
+def refuse_unsupported(cfg, W: int) -> None:
+    """Refuse the fairseq options that cannot work with experts that differ between the W processes. ``cfg`` is
+    fairseq's full config, as the Trainer gets it (patches/expert_parallel_trainer.py calls this)."""
+    o = lambda path, default=None: _option(cfg, path, default)  # noqa: E731
     problems = []
-    if g("ddp_backend", "pytorch_ddp") not in ("pytorch_ddp", "c10d", "legacy_ddp", "no_c10d"):
-        problems.append(f"--ddp-backend {g('ddp_backend')} (use pytorch_ddp or legacy_ddp)")
-    if g("use_bmuf"):
-        problems.append("--use-bmuf")
-    if g("zero_sharding", "none") != "none":
-        problems.append("--zero-sharding")
-    if g("store_ema"):
-        problems.append("--store-ema (the EMA copy would hold only this process's experts)")
-    if g("eval_bleu"):
+    backend = o("distributed_training.ddp_backend", "pytorch_ddp")
+    if backend not in ("pytorch_ddp", "c10d", "legacy_ddp", "no_c10d"):
+        problems.append(f"{_spelling('distributed_training.ddp_backend', backend)}: use pytorch_ddp or legacy_ddp")
+    if o("optimization.use_bmuf"):
+        problems.append(_spelling("optimization.use_bmuf"))
+    if o("distributed_training.zero_sharding", "none") != "none":
+        problems.append(_spelling("distributed_training.zero_sharding", o("distributed_training.zero_sharding")))
+    if o("ema.store_ema"):
+        problems.append(f"{_spelling('ema.store_ema')}: the EMA copy would hold only this process's experts")
+    if o("task.eval_bleu"):
         problems.append(
-            "--eval-bleu (beam search runs a different number of steps on each process, and "
-            "every process must run every MoE layer equally often)"
+            f"{_spelling('task.eval_bleu')}: beam search runs a different number of steps on each process, and "
+            "every process must run every MoE layer equally often"
         )
-    if (g("encoder_layerdrop", 0) or 0) > 0 or (g("decoder_layerdrop", 0) or 0) > 0:
-        problems.append("--encoder-layerdrop/--decoder-layerdrop (processes would skip different MoE layers)")
-    if (g("model_parallel_size", 1) or 1) > 1:
-        problems.append("--model-parallel-size > 1")
-    if ((g("fp16") and not g("memory_efficient_fp16")) or (g("bf16") and not g("memory_efficient_bf16"))) and not g(
-        "fp16_no_flatten_grads"
-    ):
+    for side in ("encoder", "decoder"):
+        if o(f"model.{side}_layerdrop", 0) > 0:
+            path = f"model.{side}_layerdrop"
+            problems.append(f"{_spelling(path, o(path))}: processes would skip different MoE layers")
+    if o("common.model_parallel_size", 1) > 1:
+        problems.append(_spelling("common.model_parallel_size", o("common.model_parallel_size")))
+    if flattens_gradients(cfg):
         problems.append(
-            "--fp16/--bf16 with flattened gradients (add --fp16-no-flatten-grads, or use "
-            "--memory-efficient-fp16/--memory-efficient-bf16)"
+            f"{_spelling('common.fp16')} with flattened gradients: add "
+            f"{_spelling('common.fp16_no_flatten_grads')}, or use {_spelling('common.memory_efficient_fp16')} "
+            f"or {_spelling('common.bf16')}"
         )
     if problems:
         raise ConfigError(
             f"--moe-expert-parallel auto (on {W} processes) does not work with: "
             + "; ".join(problems)
-            + ". Or use --moe-expert-parallel off (every expert on every process)"
+            + ". Or use --moe-expert-parallel off (model.moe_expert_parallel=off): every expert on every process"
         )
 
 

@@ -176,7 +176,7 @@ def test_expert_count_and_cluster_placement_must_fit_the_processes():
         MoEConfig(moe_expert_count=8, moe_clusters=2, moe_expert_placement="cluster").validate_expert_parallel(4)
 
 
-def test_fairseq_options_that_cannot_work_with_split_experts_are_refused(monkeypatch):
+def test_expert_parallel_placement_from_the_model_options(monkeypatch):
     from types import SimpleNamespace
 
     from fairseq_moec import expert_parallel as glue
@@ -189,8 +189,118 @@ def test_fairseq_options_that_cannot_work_with_split_experts_are_refused(monkeyp
     assert glue.expert_parallel_for(SimpleNamespace(moe_expert_count=6, moe_expert_parallel="off")) is None
     with pytest.raises(ValueError, match=r"--moe-expert-count: 5 experts cannot be split evenly over 2"):
         glue.expert_parallel_for(SimpleNamespace(moe_expert_count=5, moe_clusters=1))
-    with pytest.raises(ValueError, match=r"does not work with: --eval-bleu .*; --fp16/--bf16 with flattened"):
-        glue.expert_parallel_for(SimpleNamespace(**vars(args), eval_bleu=True, fp16=True))
+
+
+# Every option that cannot work with split experts, as fairseq-train and fairseq-hydra-train spell it, and the
+# words the refusal must contain for it (flag, hydra spelling, what to do instead). '+': not in the WMT configs.
+UNSUPPORTED = [
+    (["--ddp-backend", "fully_sharded"], "distributed_training.ddp_backend=fully_sharded", "use pytorch_ddp or"),
+    (["--use-bmuf"], "optimization.use_bmuf=true", "--use-bmuf (optimization.use_bmuf=true)"),
+    (["--zero-sharding", "os"], "distributed_training.zero_sharding=os", "--zero-sharding os (distributed_"),
+    (["--store-ema"], "ema.store_ema=true", "--store-ema (ema.store_ema=true): the EMA copy"),
+    (["--eval-bleu"], "+task.eval_bleu=true", "--eval-bleu (task.eval_bleu=true): beam search"),
+    (["--decoder-layerdrop", "0.1"], "+model.decoder_layerdrop=0.1", "--decoder-layerdrop 0.1 (model.decoder_"),
+    (["--model-parallel-size", "2"], "common.model_parallel_size=2", "--model-parallel-size 2 (common.model_"),
+    (["--fp16"], "common.fp16=true", "--fp16 (common.fp16=true) with flattened gradients: add --fp16-no-flatten"),
+]
+FP16 = ["common.fp16=true", "common.bf16=false"]  # the WMT configs' precision is bf16 (precision/bf16.yaml)
+
+
+def fairseq_train_cfg(*flags):
+    """The full config fairseq-train gives the Trainer for the tiny MoEC model and ``flags``."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [str(FIXTURE), *map(str, TINY_MOEC_ARGS), *flags])
+    return convert_namespace_to_omegaconf(args)
+
+
+def test_unsupported_options_are_refused_from_the_full_config_of_both_entry_points():
+    """fairseq-hydra-train gives build_model only the model's options; the Trainer sees them all, under
+    fairseq-hydra-train (a WMT config) as under fairseq-train."""
+    from test_hydra_configs import compose
+
+    from fairseq_moec.expert_parallel import refuse_unsupported
+    from fairseq_moec.modules.config import ConfigError
+
+    hydra_cfg = compose("moec16_base", *FP16, *[override for _, override, _ in UNSUPPORTED if "fp16" not in override])
+    argparse_cfg = fairseq_train_cfg(*[a for flags, _, _ in UNSUPPORTED for a in flags])
+    for cfg in (hydra_cfg, argparse_cfg):
+        with pytest.raises(ConfigError) as e:
+            refuse_unsupported(cfg, 2)
+        message = str(e.value)
+        assert message.startswith("--moe-expert-parallel auto (on 2 processes) does not work with: --ddp-backend")
+        assert "\n" not in message and message.endswith(
+            "off (model.moe_expert_parallel=off): every expert on every process"
+        )
+        for _, override, words in UNSUPPORTED:
+            assert words in message and override.lstrip("+") in message, (override, message)
+    # each one alone is refused, in either spelling; the configs as they are (plain bf16) are not
+    for flags, override, words in UNSUPPORTED:
+        for cfg in (compose("moec16_base", *FP16[1:], override), fairseq_train_cfg(*flags)):
+            with pytest.raises(ConfigError, match=re.escape(words)):
+                refuse_unsupported(cfg, 2)
+    refuse_unsupported(compose("moec16_base"), 8)
+    refuse_unsupported(compose("moec16_base", *FP16, "common.fp16_no_flatten_grads=true"), 2)
+    refuse_unsupported(fairseq_train_cfg("--bf16"), 2)
+    refuse_unsupported(fairseq_train_cfg("--fp16", "--memory-efficient-fp16"), 2)
+
+
+def test_flattened_gradients_are_predicted_as_fairseq_builds_its_optimizer(monkeypatch):
+    """flattens_gradients against fairseq's own choice (Trainer._build_optimizer, FP16Optimizer.build_optimizer)
+    for every combination of the precision options: a flat fp32 copy of all parameters has no ``expert``."""
+    from itertools import product
+
+    from fairseq import optim
+    from fairseq.trainer import Trainer
+
+    from fairseq_moec.expert_parallel import flattens_gradients
+
+    class Built(Exception):
+        pass
+
+    def flat_or_not(cls, args, params, flatten=True):
+        raise Built(flatten)
+
+    def keeps_the_parameters(*args, **kwargs):
+        raise Built(False)
+
+    monkeypatch.setattr(optim.FP16Optimizer, "build_fp32_params", classmethod(flat_or_not))
+    for other in ("MemoryEfficientFP16Optimizer", "AMPOptimizer"):
+        monkeypatch.setattr(getattr(optim, other), "build_optimizer", keeps_the_parameters)
+    monkeypatch.setattr(optim, "build_optimizer", keeps_the_parameters)  # fp32
+    names = ("fp16", "bf16", "amp", "memory_efficient_fp16", "memory_efficient_bf16", "fp16_no_flatten_grads")
+    trainer = Trainer.__new__(Trainer)  # _build_optimizer reads cfg, the parameters and the device only
+    trainer.cfg, trainer.cuda = fairseq_train_cfg(), False
+    trainer._wrapped_model, trainer._wrapped_criterion = torch.nn.Linear(2, 2), torch.nn.Module()
+    flat = []
+    for values in product((False, True), repeat=len(names)):
+        for name, value in zip(names, values):
+            setattr(trainer.cfg.common, name, value)
+        with pytest.raises(Built) as built:
+            trainer._build_optimizer()
+        assert flattens_gradients(trainer.cfg) is built.value.args[0], dict(zip(names, values))
+        flat.append(built.value.args[0])
+    assert sum(flat) == 1  # --fp16 alone
+
+
+def test_the_trainer_refuses_unsupported_options_for_an_expert_parallel_model(monkeypatch):
+    """The patched Trainer.__init__ checks the full config of an expert-parallel model before fairseq's own
+    __init__ runs; a model on one process (no expert_parallel) is not checked."""
+    from fairseq.trainer import Trainer
+
+    from fairseq_moec.modules.config import ConfigError
+    from fairseq_moec.patches import expert_parallel_trainer
+
+    started = []
+    monkeypatch.setitem(expert_parallel_trainer.fairseq_trainer, "__init__", lambda *args: started.append(args))
+    model, cfg = torch.nn.Linear(2, 2), fairseq_train_cfg("--fp16")
+    Trainer(cfg, None, model, None)
+    model.expert_parallel = ExpertParallel(rank=0, world_size=4)
+    with pytest.raises(ConfigError, match=r"^--moe-expert-parallel auto \(on 4 processes\) does not work with: --fp16"):
+        Trainer(cfg, None, model, None)
+    Trainer(fairseq_train_cfg("--fp16", "--fp16-no-flatten-grads"), None, model, None)
+    assert len(started) == 2
 
 
 def test_an_interrupted_save_leaves_a_loadable_checkpoint(tmp_path):
@@ -333,6 +443,65 @@ def killed_and_restarted(tiny_corpus, tmp_path_factory):
         resumed_from=resumed_from,
         resumed_log=proc.stdout + proc.stderr,
     )
+
+
+def test_fairseq_hydra_train_on_two_processes_refuses_fp16_with_flattened_gradients(tiny_corpus, tmp_path):
+    """The WMT recipe on 2 gloo processes (tiny dimensions): with common.fp16 and flattened gradients each process
+    would compute another gradient norm; both stop with the one-line refusal (exit 2) before training. The two
+    processes meet at an explicit init method (fairseq-hydra-train loads the plugin, and so the torchrun_cpu
+    patch, only after it has read torchrun's environment)."""
+    from test_hydra_configs import CONFIG_DIR, TINY
+
+    _, _, data_bin = tiny_corpus
+    save = tmp_path / "ckpt"
+    port = free_port()
+    command = [
+        str(cli("fairseq-hydra-train")),
+        "--config-dir",
+        str(CONFIG_DIR),
+        "--config-name",
+        "moec16_base",
+        f"common.user_dir={PLUGIN}",
+        f"task.data={data_bin}",
+        "task.source_lang=es",
+        "task.target_lang=en",
+        *TINY,
+        *FP16,
+        "common.cpu=true",
+        "dataset.max_tokens=1000",
+        "dataset.num_workers=0",
+        f"checkpoint.save_dir={save}",
+        "distributed_training.distributed_backend=gloo",
+        f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
+        f"distributed_training.distributed_world_size={W}",
+        "distributed_training.distributed_no_spawn=true",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [*command, f"distributed_training.distributed_rank={rank}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(W)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    refusal = (
+        "fairseq-hydra-train: error: --moe-expert-parallel auto (on 2 processes) does not work with: --fp16 "
+        "(common.fp16=true) with flattened gradients: add --fp16-no-flatten-grads (common.fp16_no_flatten_grads"
+    )
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 2 and refusal in err and "Traceback" not in err, (out + err)[-3000:]
+        assert "num_updates" not in out + err
+    assert not list(save.glob("*.pt"))
 
 
 @pytest.mark.slow

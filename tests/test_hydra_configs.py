@@ -142,6 +142,7 @@ def test_every_config_composes_and_builds_the_model_it_names(tiny_corpus):
     from fairseq import tasks
     from fairseq.models.transformer import TransformerModel
 
+    from fairseq_moec.expert_parallel import refuse_unsupported
     from fairseq_moec.models.moec_transformer import MoECTransformerModel
 
     _, _, data_bin = tiny_corpus
@@ -197,6 +198,7 @@ def test_every_config_composes_and_builds_the_model_it_names(tiny_corpus):
             assert layer.cluster_dropout.interval == 250, name
         assert criterion.weights == {"balance": 0.01, "cluster": 0.01 if kind == "moec" else 0.0, "z": 0.0}, name
         assert cfg.distributed_training.ddp_backend == "legacy_ddp", name
+        refuse_unsupported(cfg, 8)  # the full config, as the Trainer checks it: expert-parallel on 8 GPUs
 
 
 def test_moe_layer_lists_from_hydra_overrides(tiny_corpus):

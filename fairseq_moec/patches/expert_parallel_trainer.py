@@ -5,6 +5,9 @@ every process holds the same parameters. With W > 1 processes and ``--moe-expert
 holds E/W experts of every MoE layer (the model side is set up by fairseq_moec/expert_parallel.py; the tokens move
 in modules/expert_parallel.py). What the Trainer has to do differently:
 
+* Refusals (``__init__``). The fairseq options that cannot work with split experts (expert_parallel.
+  refuse_unsupported) are checked here, before anything is trained: the Trainer is the first place that has the
+  full config under both entry points (fairseq-hydra-train gives build_model the model's options only).
 * Gradients. An expert's gradient already holds the contributions of every process's tokens (they came back
   through the all_to_all), and DDP leaves expert parameters alone (expert_parallel.prepare_for_expert_parallel).
 * Gradient norm (``Trainer.clip_grad_norm``). fairseq's clip_grad_norm_ leaves parameters with ``expert`` out of
@@ -32,14 +35,16 @@ from fairseq.optim import FairseqOptimizer
 from fairseq.trainer import Trainer
 
 from .. import sharded_checkpoint as sc
-from ..expert_parallel import expert_parameters
+from ..expert_parallel import expert_parameters, refuse_unsupported
 from ..modules import ExpertParallel
 from .target import Patch
 
 logger = logging.getLogger(__name__)
 
 PATCH = Patch(
-    "expert_parallel_trainer", "expert-parallel runs save only process 0's experts and misreport the gradient norm"
+    "expert_parallel_trainer",
+    "expert-parallel runs save only process 0's experts, misreport the gradient norm and start with fairseq options "
+    "that break them",
 )
 
 fairseq_trainer = {}  # the Trainer's own properties and methods, kept by apply()
@@ -66,6 +71,13 @@ def _optimizer_param_names(trainer) -> List[str]:
         for p in chain(trainer.get_model().parameters(), trainer.get_criterion().parameters())
         if p.requires_grad
     ]
+
+
+def _init(self, cfg, task, model, criterion, quantizer=None):
+    ep = getattr(model, "expert_parallel", None)  # set by build_model (expert_parallel.prepare_for_expert_parallel)
+    if ep is not None:
+        refuse_unsupported(cfg, ep.world_size)
+    fairseq_trainer["__init__"](self, cfg, task, model, criterion, quantizer)
 
 
 def _should_save_checkpoint_on_current_rank(self) -> bool:
@@ -181,6 +193,7 @@ def check() -> None:
         if not isinstance(Trainer.__dict__.get(name), property):
             raise PATCH.refuse(f"{where}.{name} as a property", repr(Trainer.__dict__.get(name)))
         PATCH.expect_parameters(Trainer, name, where, ["self"])
+    PATCH.expect_parameters(Trainer, "__init__", where, ["self", "cfg", "task", "model", "criterion", "quantizer"])
     PATCH.expect_parameters(Trainer, "save_checkpoint", where, ["self", "filename", "extra_state"])
     PATCH.expect_parameters(
         Trainer,
@@ -199,6 +212,7 @@ def apply() -> None:
         {
             name: getattr(Trainer, name)
             for name in (
+                "__init__",
                 "should_save_checkpoint_on_current_rank",
                 "checkpoint_suffix",
                 "save_checkpoint",
@@ -207,12 +221,13 @@ def apply() -> None:
             )
         }
     )
+    PATCH.replace(Trainer, "__init__", _init)
     PATCH.replace(Trainer, "should_save_checkpoint_on_current_rank", property(_should_save_checkpoint_on_current_rank))
     PATCH.replace(Trainer, "checkpoint_suffix", property(_checkpoint_suffix))
     PATCH.replace(Trainer, "load_checkpoint", _load_checkpoint)
     PATCH.replace(Trainer, "clip_grad_norm", _clip_grad_norm)
     PATCH.replace(Trainer, "save_checkpoint", _save_checkpoint)  # last: installed() looks at it
     PATCH.log(
-        "replaced fairseq.trainer.Trainer.should_save_checkpoint_on_current_rank, checkpoint_suffix, "
-        "save_checkpoint, load_checkpoint and clip_grad_norm (expert parallelism)"
+        "replaced fairseq.trainer.Trainer.__init__ (refusals), should_save_checkpoint_on_current_rank, "
+        "checkpoint_suffix, save_checkpoint, load_checkpoint and clip_grad_norm (expert parallelism)"
     )
