@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from fairseq_moec.analysis.plots import pyplot
 from fairseq_moec.pipeline import files, machine
 from fairseq_moec.pipeline.logs import parse_log
 
@@ -218,14 +219,7 @@ def pairs(done):
 
 
 def plot(rows, means, plot_dir):
-    import logging
-
-    import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # an imported module may have set DEBUG
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {}
     for run, stamp, s in rows:

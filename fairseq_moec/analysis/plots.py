@@ -7,7 +7,8 @@ from typing import Dict
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, without matplotlib's DEBUG lines."""
     import logging
 
     for name in ("matplotlib", "PIL"):  # an imported module may have put the root logger on DEBUG
@@ -21,7 +22,7 @@ def _pyplot():
 
 
 def plot_load_heatmap(layers: Dict[str, Dict], path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(layers)
     E = max(s["num_experts"] for s in layers.values())
     data = np.full((len(names), E), np.nan)
@@ -63,7 +64,7 @@ def plot_load_heatmap(layers: Dict[str, Dict], path: str) -> None:
 
 
 def plot_co_routing(layers: Dict[str, Dict], path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(layers)
     rates = [layers[n]["co_routing_rate"] or 0.0 for n in names]
     chance = [layers[n]["co_routing_chance"] or 0.0 for n in names]
@@ -84,7 +85,7 @@ def plot_co_routing(layers: Dict[str, Dict], path: str) -> None:
 
 
 def plot_cluster_load(layers: Dict[str, Dict], path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(layers)
     fig, axes = plt.subplots(1, len(names), figsize=(max(4, 3.2 * len(names)), 3.2), sharey=True, squeeze=False)
     ymax = max(max(layers[n]["cluster_loads"]) for n in names)
