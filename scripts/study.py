@@ -13,7 +13,9 @@ or CUDA when it is available (`--device`).
 
 Per run (OUT/runs/NAME): train.log (fairseq json log), checkpoints/checkpoint_{best,last}.pt, the test
 translations of the best-valid checkpoint (hyp.txt, every one of the 966 lines, sacrebleu BLEU/chrF in
-score.json), the routing of the last checkpoint over training sentences (routing/summary.json), DONE (json).
+score.json), the routing of the last checkpoint over training sentences (routing/summary.json), the loss of the
+last checkpoint on the training data in eval mode (train_eval.json: fairseq-validate, no dropout, all experts; the
+report's gap), DONE (json). A finished run without train_eval.json gets it when the driver runs again.
 An evaluation-only entry (moec32-s1-keepmask) translates with the training-time cluster-dropout mask kept.
 """
 
@@ -32,10 +34,14 @@ import study_report
 
 from fairseq_moec.pipeline import binarize, files, hypotheses, scores, small_model
 from fairseq_moec.pipeline.binarize import cli
+from fairseq_moec.pipeline.logs import json_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "fairseq_moec"
 SRC, TGT = "es", "en"
+# (task, criterion) of the dense and of the MoE / MoEC runs: training and every evaluation use the same
+DENSE_TASK = ("translation", "label_smoothed_cross_entropy")
+MOE_TASK = ("translation_moec", "moec_label_smoothed_cross_entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +135,10 @@ def train_cmd(args, run, data_bin, rdir):
         + ([("cpu", None)] if args.device == "cpu" else [])
     )
     if not run.experts:
-        dense = [("task", "translation"), ("arch", "transformer"), ("criterion", "label_smoothed_cross_entropy")]
+        dense = [("task", DENSE_TASK[0]), ("arch", "transformer"), ("criterion", DENSE_TASK[1])]
         return cmd + flag_list(dense)
-    moe = [("task", "translation_moec"), ("arch", "moec_transformer")]
-    moe += [("criterion", "moec_label_smoothed_cross_entropy"), ("moe-encoder-layers", "1")]
+    moe = [("task", MOE_TASK[0]), ("arch", "moec_transformer")]
+    moe += [("criterion", MOE_TASK[1]), ("moe-encoder-layers", "1")]
     moe += [("moe-decoder-layers", "1"), ("moe-expert-count", run.experts), ("moe-clusters", run.clusters)]
     moe += [("cluster-dropout", run.cluster_dropout), ("cluster-dropout-interval", args.dropout_interval)]
     moe += [("moe-seed", run.seed)]  # the seeds differ in their cluster-dropout masks too
@@ -171,6 +177,8 @@ def prepare_data(args):
 def do_run(args, run, data):
     rdir = Path(args.out) / "runs" / run.name
     if (rdir / "DONE").exists():
+        if not run.evaluate_of:  # a run finished before train_eval.json existed gets it now
+            train_eval(args, run, data, rdir)
         return
     if run.evaluate_of:
         src = Path(args.out) / "runs" / run.evaluate_of
@@ -204,6 +212,7 @@ def do_run(args, run, data):
             analyze += flag_list([("split", "train"), ("max-sentences", "2000"), ("out", out), ("no-progress", None)])
             sh(analyze + (["--cpu"] if args.device == "cpu" else []), stdout=subprocess.DEVNULL)
         routing = study_report.allocation(json.loads((out / "summary.json").read_text()))
+    train_eval(args, run, data, rdir)
     done = {"run": dataclasses.asdict(run), "score": score, "routing": routing, "finished": now()}
     files.write_json_atomic(rdir / "DONE", dict(done, train_wall_s_last_session=round(train_s)))
     log(f"{run.name}: BLEU {score['bleu']} chrF {score['chrf']}")
@@ -218,8 +227,8 @@ def evaluate(args, run, data, ckpt, rdir):
         [("user-dir", PLUGIN), ("source-lang", SRC), ("target-lang", TGT), ("gen-subset", "test"), ("path", ckpt)]
         + [("beam", "4"), ("batch-size", "128"), ("required-batch-size-multiple", "1"), ("max-len-a", "1.5")]
         + [("max-len-b", "10"), ("num-workers", "0")]
-        + ([("task", "translation_moec"), ("inference-experts", run.inference_experts)] if run.experts else [])
-        + ([] if run.experts else [("task", "translation")])
+        + ([("task", MOE_TASK[0]), ("inference-experts", run.inference_experts)] if run.experts else [])
+        + ([] if run.experts else [("task", DENSE_TASK[0])])
         + ([("cpu", None)] if args.device == "cpu" else [])
     )
     with open(f"{gen}.tmp", "w", encoding="utf-8") as f:
@@ -236,6 +245,60 @@ def evaluate(args, run, data, ckpt, rdir):
         meta={"checkpoint": str(ckpt.name)},
         tgt_lang=TGT,
     )[0]
+
+
+TRAIN_EVAL_SUBSET = "train"
+
+
+def train_eval(args, run, data, rdir):
+    """rdir/train_eval.json: the loss of the last checkpoint on the training data in eval mode (no dropout, all
+    experts, no cluster dropout), with the criterion of the valid loss: what the report's gap subtracts from the
+    final valid loss. fairseq-validate's output is kept in train_eval.log. Skipped when the json exists."""
+    out = rdir / "train_eval.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    ckpt = rdir / "checkpoints" / "checkpoint_last.pt"
+    if not ckpt.exists():
+        log(f"{run.name}: no train_eval.json, and it cannot be computed: {ckpt} is gone")
+        return None
+    task, criterion = MOE_TASK if run.experts else DENSE_TASK
+    # the model, its criterion options (label smoothing) and the data options come from the checkpoint's config;
+    # --skip-invalid-size-inputs-valid-test drops what fairseq-train's iterator dropped from the same subset
+    cmd = [cli("fairseq-validate"), data / "bin"] + flag_list(
+        [("user-dir", PLUGIN), ("task", task), ("criterion", criterion), ("source-lang", SRC), ("target-lang", TGT)]
+        + [("path", ckpt), ("valid-subset", TRAIN_EVAL_SUBSET), ("max-tokens", "6000"), ("num-workers", "0")]
+        + [("skip-invalid-size-inputs-valid-test", None), ("log-format", "json"), ("no-progress-bar", None)]
+        + ([("inference-experts", "all")] if run.experts else [])
+        + ([("cpu", None)] if args.device == "cpu" else [])
+    )
+    t0 = time.time()
+    with files.atomic_path(rdir / "train_eval.log") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            sh(cmd, stdout=f)
+    stats = validate_stats(rdir / "train_eval.log", TRAIN_EVAL_SUBSET)
+    result = dict(stats, checkpoint=ckpt.name, wall_s=round(time.time() - t0, 1), finished=now())
+    files.write_json_atomic(out, result)
+    log(f"{run.name}: loss on {TRAIN_EVAL_SUBSET} in eval mode {stats['loss']:.3f}")
+    return result
+
+
+def validate_stats(path, subset):
+    """The end-of-subset record of a fairseq-validate --log-format json output PATH: loss and nll_loss (bits per
+    target token), sentences and target tokens. fairseq prefixes its keys with the subset; it reduces all batches
+    at once, so its per-batch averages wpb and bsz are here the totals of the subset."""
+    recs = [r for r in json_records(path) if f"{subset}_loss" in r]
+    if not recs:
+        raise SystemExit(f"{path}: no '{subset}_loss' record of fairseq-validate (--log-format json) in it")
+    r = recs[-1]
+    return {
+        "subset": subset,
+        "loss": float(r[f"{subset}_loss"]),
+        "nll_loss": float(r[f"{subset}_nll_loss"]),
+        "sentences": int(float(r[f"{subset}_bsz"])),
+        "target_tokens": int(float(r[f"{subset}_wpb"])),
+        "unit": "bits per target token (the valid loss's criterion, label-smoothed)",
+        "fairseq": r,
+    }
 
 
 def now():

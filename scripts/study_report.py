@@ -17,9 +17,12 @@ from fairseq_moec.pipeline.logs import parse_log
 
 
 # --- fairseq json logs -------------------------------------------------------------------------------------------
-def summarize(path):
-    """Valid-loss curve, best and final valid loss, the train loss over the last validation interval and the gap
-    (final valid - that train loss). fairseq's losses: label-smoothed CE in bits per target token."""
+def summarize(path, train_eval=None):
+    """Valid-loss curve, best and final valid loss; with TRAIN_EVAL (a run's train_eval.json, when it exists) the
+    loss of the last checkpoint on the training data in eval mode and the gap: final valid - that loss. Also the
+    training-mode train loss of the log over the last validation interval (dropout and cluster dropout on, which
+    raise it unequally across models) and its gap, kept for reference. fairseq's losses: label-smoothed CE in
+    bits per target token."""
     recs = parse_log(path)
     curve = [(int(float(r["valid_num_updates"])), float(r["valid_loss"])) for r in recs["valid"]]
     inner = [(int(float(r["num_updates"])), float(r["loss"])) for r in recs["train_inner"]]
@@ -31,8 +34,12 @@ def summarize(path):
         window = [loss for u, loss in inner if prev < u <= last_update]
         s.update(best_valid=best, best_update=best_update, final_valid=last, final_update=last_update)
         if window:
-            s["train_end"] = sum(window) / len(window)
-            s["gap"] = last - s["train_end"]
+            s["train_mode_end"] = sum(window) / len(window)
+            s["train_mode_gap"] = last - s["train_mode_end"]
+    if train_eval is not None and Path(train_eval).exists():
+        s["train_eval"] = json.loads(Path(train_eval).read_text())["loss"]
+        if curve:
+            s["gap"] = s["final_valid"] - s["train_eval"]
     return s
 
 
@@ -102,7 +109,16 @@ def paired_bootstrap(ref, baseline, systems, n=1000):
 
 
 # What a finished run keeps in the repository (docs/study-v2/): enough to rebuild the report, no checkpoints
-EXPORTED = ("DONE", "command.json", "code_state.jsonl", "train.log", "hyp.txt", "score.json", "routing/summary.json")
+EXPORTED = (
+    "DONE",
+    "command.json",
+    "code_state.jsonl",
+    "train.log",
+    "hyp.txt",
+    "score.json",
+    "routing/summary.json",
+    "train_eval.json",
+)
 
 
 def export(out, runs, dest):
@@ -123,23 +139,25 @@ def write(out, runs, updates, plot_dir):
     rows, done = [], {}
     for run in runs:
         rdir = out / "runs" / run.name
-        s = summarize(rdir / ("train.log" if not run.evaluate_of else "../" + run.evaluate_of + "/train.log"))
+        trained = out / "runs" / (run.evaluate_of or run.name)  # an evaluation-only entry: its source's numbers
+        s = summarize(trained / "train.log", trained / "train_eval.json")
         stamp = json.loads((rdir / "DONE").read_text()) if (rdir / "DONE").exists() else None
         if stamp:
             done[run.name] = (run, stamp, s)
         rows.append((run, stamp, s))
     lines = [
         f"Every run: {updates} updates; BLEU/chrF of the best-valid checkpoint on all test lines "
-        f"(all experts unless stated); valid loss in bits (label-smoothed CE); gap = final valid - train loss "
-        f"over the last validation interval; allocation of the final model over 2,000 training sentences "
+        f"(all experts unless stated); valid loss in bits (label-smoothed CE); train (eval) = the same loss of the "
+        f"last checkpoint on the training data in eval mode (no dropout, all experts; fairseq-validate); "
+        f"gap = final valid - train (eval); allocation of the final model over 2,000 training sentences "
         f"(per MoE layer: min / max token share, CV, experts below 1/(2E)).",
         "",
-        "| run | state | BLEU | chrF | best valid (update) | final valid | gap | allocation enc / dec |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | state | BLEU | chrF | best valid (update) | final valid | train (eval) | gap | allocation enc / dec |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run, stamp, s in rows:
         if not stamp:
-            lines.append(f"| {run.name} | {state(out / 'runs' / run.name, updates)} | – | – | – | – | – | – |")
+            lines.append(f"| {run.name} | {state(out / 'runs' / run.name, updates)} | – | – | – | – | – | – | – |")
             continue
         sc, alloc = stamp["score"], stamp.get("routing") or {}
         cells = "; ".join(
@@ -148,7 +166,7 @@ def write(out, runs, updates, plot_dir):
         lines.append(
             f"| {run.name} | done | {sc['bleu']:.2f} | {sc['chrf']:.2f} | "
             f"{_f(s.get('best_valid'))} ({s.get('best_update', '–')}) | {_f(s.get('final_valid'))} | "
-            f"{_f(s.get('gap'), '{:+.3f}')} | {cells} |"
+            f"{_f(s.get('train_eval'))} | {_f(s.get('gap'), '{:+.3f}')} | {cells} |"
         )
     sigs = {(d[1]["score"]["bleu_signature"], d[1]["score"]["chrf_signature"]) for d in done.values()}
     lines += ["", *(f"sacrebleu: BLEU `{b}`, chrF `{c}`" for b, c in sorted(sigs))]
@@ -156,28 +174,21 @@ def write(out, runs, updates, plot_dir):
         "",
         "Mean over finished seeds:",
         "",
-        "| group | seeds | BLEU | chrF | best valid | final valid | gap |",
-        "|---|---|---|---|---|---|---|",
+        "| group | seeds | BLEU | chrF | best valid | final valid | train (eval) | gap |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     groups = {}
     for run, stamp, s in done.values():
         groups.setdefault(run.group, []).append((stamp, s))
     means = {}
     for g, items in groups.items():
-        m = {
-            k: statistics.mean(v) if v else None
-            for k, v in {
-                "bleu": [st["score"]["bleu"] for st, _ in items],
-                "chrf": [st["score"]["chrf"] for st, _ in items],
-                "best_valid": [s["best_valid"] for _, s in items if "best_valid" in s],
-                "final_valid": [s["final_valid"] for _, s in items if "final_valid" in s],
-                "gap": [s["gap"] for _, s in items if "gap" in s],
-            }.items()
-        }
+        m = {k: statistics.mean(st["score"][k] for st, _ in items) for k in ("bleu", "chrf")}
+        for k in ("best_valid", "final_valid", "train_eval", "gap"):  # a mean over every seed, or none
+            m[k] = statistics.mean(s[k] for _, s in items) if all(k in s for _, s in items) else None
         means[g] = m
         lines.append(
             f"| {g} | {len(items)} | {m['bleu']:.2f} | {m['chrf']:.2f} | {_f(m['best_valid'])} | "
-            f"{_f(m['final_valid'])} | {_f(m['gap'], '{:+.3f}')} |"
+            f"{_f(m['final_valid'])} | {_f(m['train_eval'])} | {_f(m['gap'], '{:+.3f}')} |"
         )
     lines += [
         "",

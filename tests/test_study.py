@@ -1,5 +1,6 @@
 """scripts/study.py and study_report.py without training: the plan, the commands, log parsing, the allocation
-numbers, the tables with real sacrebleu paired tests, and run-level resumability."""
+numbers, the tables with real sacrebleu paired tests, and run-level resumability; the train-data loss in eval
+mode through the real fairseq-validate on the tiny checkpoint of conftest."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,11 @@ from pathlib import Path
 import pytest
 import study
 import study_report
+from conftest import FIXTURE
+
+# stdout of the study's fairseq-validate command (study.train_eval) on conftest's tiny MoEC checkpoint, with
+# --log-interval 2 added so that per-batch records (unprefixed keys, sums) come before the end-of-subset one
+VALIDATE_OUTPUT = Path(__file__).parent / "fixtures" / "fairseq_validate_train_subset.log"
 
 
 def args_of(tmp_path, *extra):
@@ -89,9 +95,13 @@ def test_summarize_by_hand(tmp_path):
     s = study_report.summarize(log)
     assert s["curve"] == [(100, 6.0), (200, 5.0), (300, 5.5)]
     assert (s["best_valid"], s["best_update"], s["final_valid"], s["last_update"]) == (5.0, 200, 5.5, 300)
-    # train losses in (200, 300]: 4.0 and 3.0 -> 3.5; gap 5.5 - 3.5
-    assert (s["train_end"], s["gap"]) == (3.5, 2.0)
+    # training-mode train losses in (200, 300]: 4.0 and 3.0 -> 3.5; their gap 5.5 - 3.5; no train_eval.json: no gap
+    assert (s["train_mode_end"], s["train_mode_gap"]) == (3.5, 2.0)
+    assert "gap" not in s and "train_eval" not in s
     assert study_report.summarize(tmp_path / "none.log") == {"curve": [], "last_update": 0}
+    (tmp_path / "train_eval.json").write_text(json.dumps({"loss": 4.75}))
+    s = study_report.summarize(log, tmp_path / "train_eval.json")
+    assert (s["train_eval"], s["gap"], s["train_mode_gap"]) == (4.75, 0.75, 2.0)  # 5.5 - 4.75
 
 
 def test_allocation_by_hand():
@@ -102,11 +112,15 @@ def test_allocation_by_hand():
     assert a["cv"] == pytest.approx(0.0275**0.5 / 0.25)
 
 
-def fake_done(out, name, hyps, bleu):
+def fake_done(out, name, hyps, bleu, train_eval=None):
+    """A finished run: final valid loss 5.0, training-mode train loss 5.25 over (100, 200]; TRAIN_EVAL: the loss
+    of its train_eval.json (none when None)."""
     rdir = out / "runs" / name
     rdir.mkdir(parents=True)
     (rdir / "hyp.txt").write_text("".join(h + "\n" for h in hyps))
     write_log(rdir / "train.log", valid=[(100, 6.0), (200, 5.0)], train=[(150, 6.0), (200, 4.5)])
+    if train_eval is not None:
+        (rdir / "train_eval.json").write_text(json.dumps({"loss": train_eval, "nll_loss": train_eval - 0.5}))
     score = {"bleu": bleu, "chrf": 50.0, "bleu_signature": "nrefs:1|tok:13a", "chrf_signature": "nrefs:1|nc:6"}
     routing = {"enc1": {"min": 0.01, "max": 0.3, "cv": 0.5, "below_half_even": 1}}
     (rdir / "DONE").write_text(json.dumps({"score": score, "routing": routing}))
@@ -122,7 +136,7 @@ def test_report_tables_and_paired_tests(tmp_path):
     fake_done(out, "dense-s1", refs, 100.0)
     study_report.write(out, study.plan((1,)), 1200, tmp_path / "img")
     text = (out / "results.md").read_text()
-    assert "| moec8-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | -0.250 | 0.010/0.300, CV 0.50, 1 |" in text
+    assert "| moec8-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | – | – | 0.010/0.300, CV 0.50, 1 |" in text
     assert "| moe32-s1 | not started |" in text
     # the only pair with both sides finished: MoEC against MoE at E = 8; identical-to-reference output wins
     rows = [line for line in text.splitlines() if line.startswith("| moe8-s1 | moec8-s1 |")]
@@ -156,13 +170,143 @@ def test_export_keeps_what_rebuilds_the_report(tmp_path):
     (out / "data" / "raw").mkdir(parents=True)
     (out / "data" / "raw" / "test.en").write_text("".join(r + "\n" for r in refs))
     fake_done(out, "moe8-s1", [r.replace("test", "best") for r in refs], 40.0)
-    fake_done(out, "moec8-s1", refs, 100.0)
+    fake_done(out, "moec8-s1", refs, 100.0, train_eval=4.0)
     (out / "runs" / "moec8-s1" / "checkpoints").mkdir()
     (out / "runs" / "moec8-s1" / "checkpoints" / "checkpoint_best.pt").write_bytes(b"big")
     (out / "runs" / "moe32-s1").mkdir()  # unfinished: nothing of it is exported
     (out / "runs" / "moe32-s1" / "train.log").write_text("")
     copied = study_report.export(out, study.plan((1,)), exported)
     assert "runs/moec8-s1/hyp.txt" in copied and not any("moe32" in c or "checkpoint" in c for c in copied)
+    assert "runs/moec8-s1/train_eval.json" in copied
     study_report.write(out, study.plan((1,)), 1200, tmp_path / "img")
     study_report.write(exported, study.plan((1,)), 1200, tmp_path / "img2")
-    assert (exported / "results.md").read_text() == (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert (exported / "results.md").read_text() == text
+    assert "| moec8-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | 4.000 | +1.000 |" in text
+
+
+def test_report_gap_is_final_valid_minus_train_eval(tmp_path):
+    """gap = final valid - train_eval.json's loss, by hand; "–" without train_eval.json (not the training-mode
+    figure, which stays in results.json); group means over every seed or none; the kept-mask entry shows its
+    source run's numbers."""
+    out = tmp_path / "out"
+    (out / "data" / "raw").mkdir(parents=True)
+    (out / "data" / "raw" / "test.en").write_text("a line\n")
+    fake_done(out, "dense-s1", ["a line"], 100.0, train_eval=4.25)
+    fake_done(out, "dense-s2", ["a line"], 100.0)
+    fake_done(out, "moec32-s1", ["a line"], 100.0, train_eval=3.5)
+    fake_done(out, "moec32-s2", ["a line"], 100.0, train_eval=4.0)
+    fake_done(out, "moec32-s1-keepmask", ["a line"], 100.0)
+    study_report.write(out, study.plan((1, 2)), 1200, tmp_path / "img")
+    text = (out / "results.md").read_text()
+    # final valid 5.0 of every fake run: 5.0 - 4.25 = +0.75, 5.0 - 3.5 = +1.5, 5.0 - 4.0 = +1.0
+    assert "| dense-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | 4.250 | +0.750 |" in text
+    assert "| dense-s2 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | – | – |" in text
+    assert "| moec32-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | 3.500 | +1.500 |" in text
+    assert "| moec32-s1-keepmask | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | 3.500 | +1.500 |" in text
+    # group means: dense lacks one seed's train_eval.json; moec32: (3.5 + 4.0) / 2 = 3.75, (1.5 + 1.0) / 2 = 1.25
+    assert "| dense | 2 | 100.00 | 50.00 | 5.000 | 5.000 | – | – |" in text
+    assert "| moec32 | 2 | 100.00 | 50.00 | 5.000 | 5.000 | 3.750 | +1.250 |" in text
+    assert "gap = final valid - train (eval)" in text
+    summary = json.loads((out / "results.json").read_text())["dense-s2"]["summary"]
+    # training-mode train loss over (100, 200]: (6.0 + 4.5) / 2 = 5.25; its gap 5.0 - 5.25
+    assert (summary["train_mode_end"], summary["train_mode_gap"]) == (5.25, -0.25) and "gap" not in summary
+
+
+def test_validate_stats_of_a_real_output(tmp_path):
+    """The end-of-subset record of fairseq-validate's json output, not a per-batch one; a clear error without."""
+    s = study.validate_stats(VALIDATE_OUTPUT, "train")
+    assert (s["loss"], s["nll_loss"], s["sentences"], s["target_tokens"]) == (8.897, 8.816, 600, 28400)
+    assert s["subset"] == "train" and s["fairseq"]["train_ppl"] == "450.59"
+    (tmp_path / "empty.log").write_text("no json here\n")
+    with pytest.raises(SystemExit, match="empty.log: no 'train_loss' record"):
+        study.validate_stats(tmp_path / "empty.log", "train")
+
+
+def fake_validate(calls):
+    """A stand-in for study.sh: records the command, and answers fairseq-validate with the captured output."""
+
+    def sh(cmd, **kw):
+        calls.append([str(c) for c in cmd])
+        if "fairseq-validate" in str(cmd[0]):
+            kw["stdout"].write(VALIDATE_OUTPUT.read_text())
+
+    return sh
+
+
+def test_done_run_gets_train_eval_once(tmp_path, monkeypatch):
+    """A finished run without train_eval.json gets it (dense: fairseq's own task and criterion); the next time,
+    or for the kept-mask evaluation entry, or without a checkpoint, nothing runs."""
+    args = args_of(tmp_path)
+    runs = {r.name: r for r in study.plan(args.seeds)}
+    data = Path(args.out) / "data"
+    calls = []
+    monkeypatch.setattr(study, "sh", fake_validate(calls))
+    for name in ("dense-s1", "moec32-s1", "moec32-s1-keepmask", "moe8-s1"):
+        (Path(args.out) / "runs" / name).mkdir(parents=True)
+        (Path(args.out) / "runs" / name / "DONE").write_text("{}")
+    for name in ("dense-s1", "moec32-s1", "moec32-s1-keepmask"):  # the last: to see that it is not evaluated
+        (Path(args.out) / "runs" / name / "checkpoints").mkdir()
+        (Path(args.out) / "runs" / name / "checkpoints" / "checkpoint_last.pt").write_bytes(b"model")
+    study.do_run(args, runs["dense-s1"], data)
+    assert len(calls) == 1
+    cmd = calls[0]
+    ckpt = Path(args.out) / "runs" / "dense-s1" / "checkpoints" / "checkpoint_last.pt"
+    assert (cmd[1], flag(cmd, "--path"), flag(cmd, "--valid-subset")) == (str(data / "bin"), str(ckpt), "train")
+    assert (flag(cmd, "--task"), flag(cmd, "--criterion")) == ("translation", "label_smoothed_cross_entropy")
+    assert (flag(cmd, "--max-tokens"), flag(cmd, "--num-workers"), flag(cmd, "--log-format")) == ("6000", "0", "json")
+    assert "--cpu" in cmd and "--inference-experts" not in cmd
+    saved = json.loads((Path(args.out) / "runs" / "dense-s1" / "train_eval.json").read_text())
+    assert (saved["loss"], saved["nll_loss"], saved["checkpoint"], saved["subset"]) == (
+        8.897,
+        8.816,
+        "checkpoint_last.pt",
+        "train",
+    )
+    for name in ("dense-s1", "moec32-s1-keepmask", "moe8-s1"):  # done already; evaluation only; no checkpoint
+        study.do_run(args, runs[name], data)
+    assert len(calls) == 1 and not (Path(args.out) / "runs" / "moe8-s1" / "train_eval.json").exists()
+    study.do_run(args, runs["moec32-s1"], data)
+    assert (flag(calls[1], "--task"), flag(calls[1], "--criterion"), flag(calls[1], "--inference-experts")) == (
+        "translation_moec",
+        "moec_label_smoothed_cross_entropy",
+        "all",
+    )
+
+
+def test_trained_run_gets_train_eval_before_done(tmp_path, monkeypatch):
+    """A run trained by the driver: fairseq-train, then fairseq-validate on its last checkpoint, then DONE (the
+    translation and the routing are on disk already, so they are skipped)."""
+    args = args_of(tmp_path)
+    run = {r.name: r for r in study.plan(args.seeds)}["moe8-s1"]
+    rdir = Path(args.out) / "runs" / run.name
+    (rdir / "checkpoints").mkdir(parents=True)
+    (rdir / "checkpoints" / "checkpoint_last.pt").write_bytes(b"model")
+    (rdir / "score.json").write_text(json.dumps({"bleu": 1.0, "chrf": 2.0}))
+    (rdir / "routing").mkdir()
+    (rdir / "routing" / "summary.json").write_text(json.dumps({"layers": {}}))
+    calls = []
+    monkeypatch.setattr(study, "sh", fake_validate(calls))
+    study.do_run(args, run, Path(args.out) / "data")
+    assert [Path(c[0]).name for c in calls] == ["fairseq-train", "fairseq-validate"]
+    assert json.loads((rdir / "train_eval.json").read_text())["loss"] == 8.897 and (rdir / "DONE").exists()
+
+
+def test_train_eval_with_the_real_fairseq_validate(tiny_moec_checkpoint, tmp_path, monkeypatch):
+    """study.train_eval's command through the real fairseq-validate on conftest's tiny MoEC checkpoint: every
+    training sentence and target token (each sentencepiece piece of tok/train.en plus end-of-sentence) counted."""
+    ckpt, data_bin = tiny_moec_checkpoint
+    args = args_of(tmp_path)
+    run = {r.name: r for r in study.plan(args.seeds)}["moec8-s1"]
+    rdir = tmp_path / "run"
+    rdir.mkdir()
+    (rdir / "checkpoints").symlink_to(ckpt.parent)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = study.train_eval(args, run, data_bin.parent, rdir)
+    pieces = (data_bin.parent / "tok" / "train.en").read_text().splitlines()
+    assert result["sentences"] == len((FIXTURE / "train.es").read_text().splitlines()) == len(pieces)
+    assert result["target_tokens"] == sum(len(line.split()) + 1 for line in pieces)
+    assert 0 < result["nll_loss"] < result["loss"] < 10  # bits; label smoothing adds to the nll
+    assert json.loads((rdir / "train_eval.json").read_text())["loss"] == result["loss"]
+    monkeypatch.setattr(study, "sh", lambda *a, **k: pytest.fail("train_eval.json exists: nothing to run"))
+    assert study.train_eval(args, run, data_bin.parent, rdir) == result
