@@ -263,8 +263,10 @@ def plot(rows, means, plot_dir):
         ax.axhline(means["dense"]["bleu"], color="C0", linestyle=":", label="dense")
     ax.set(xscale="log", xlabel="experts E", ylabel="test BLEU (best-valid checkpoint)", title="BLEU against E")
     ax.set_xticks([8, 32], ["8", "32"])
+    ax.set_xlim(5, 50)  # both E values inside the frame, even while only one has runs
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
     _save(fig, plt, Path(plot_dir) / "study_v2_bleu_vs_experts.png")
 
 
