@@ -159,6 +159,14 @@ def write(out, runs, updates, plot_dir):
         if not stamp:
             lines.append(f"| {run.name} | {state(out / 'runs' / run.name, updates)} | – | – | – | – | – | – | – |")
             continue
+        if run.evaluate_of:  # another way to translate with a model of the table: its losses and routing are there
+            same = f"as {run.evaluate_of}"
+            lines.append(
+                f"| {run.name} | done | {stamp['score']['bleu']:.2f} | {stamp['score']['chrf']:.2f} | "
+                + " | ".join([same] * 5)
+                + " |"
+            )
+            continue
         sc, alloc = stamp["score"], stamp.get("routing") or {}
         cells = "; ".join(
             f"{a['min']:.3f}/{a['max']:.3f}, CV {a['cv']:.2f}, {a['below_half_even']}" for a in alloc.values()
@@ -177,19 +185,21 @@ def write(out, runs, updates, plot_dir):
         "| group | seeds | BLEU | chrF | best valid | final valid | train (eval) | gap |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    groups = {}
+    groups, source_group = {}, {}
     for run, stamp, s in done.values():
         groups.setdefault(run.group, []).append((stamp, s))
+        if run.evaluate_of:
+            source_group[run.group] = done[run.evaluate_of][0].group if run.evaluate_of in done else run.evaluate_of
     means = {}
     for g, items in groups.items():
         m = {k: statistics.mean(st["score"][k] for st, _ in items) for k in ("bleu", "chrf")}
         for k in ("best_valid", "final_valid", "train_eval", "gap"):  # a mean over every seed, or none
             m[k] = statistics.mean(s[k] for _, s in items) if all(k in s for _, s in items) else None
         means[g] = m
-        lines.append(
-            f"| {g} | {len(items)} | {m['bleu']:.2f} | {m['chrf']:.2f} | {_f(m['best_valid'])} | "
-            f"{_f(m['final_valid'])} | {_f(m['train_eval'])} | {_f(m['gap'], '{:+.3f}')} |"
-        )
+        losses = [_f(m["best_valid"]), _f(m["final_valid"]), _f(m["train_eval"]), _f(m["gap"], "{:+.3f}")]
+        if g in source_group:
+            losses = [f"as {source_group[g]}"] * 4
+        lines.append(f"| {g} | {len(items)} | {m['bleu']:.2f} | {m['chrf']:.2f} | " + " | ".join(losses) + " |")
     lines += [
         "",
         "Paired bootstrap resampling (sacrebleu --paired-bs, 1000 resamples; p: that the difference is chance):",
@@ -215,17 +225,17 @@ def write(out, runs, updates, plot_dir):
 
 def pairs(done):
     """(baseline, system) run names to test: MoEC against MoE at the same E and seed; the E=32 ablations and the
-    kept-mask evaluation against MoEC with all its parts."""
+    kept-mask evaluation against MoEC with all its parts; MoE and MoEC against dense at the same seed."""
     out = []
     for name, (run, _, _) in done.items():
+        bases = []
         if run.group.startswith("moec") and run.group[4:].isdigit():
-            base = f"moe{run.group[4:]}-s{run.seed}"
+            bases = [f"moe{run.group[4:]}-s{run.seed}", f"dense-s{run.seed}"]
         elif run.group.startswith("moec32-"):
-            base = f"moec32-s{run.seed}"
-        else:
-            continue
-        if base in done:
-            out.append((base, name))
+            bases = [f"moec32-s{run.seed}"]
+        elif run.group.startswith("moe") and run.group[3:].isdigit():
+            bases = [f"dense-s{run.seed}"]
+        out += [(base, name) for base in bases if base in done]
     return out
 
 

@@ -138,9 +138,15 @@ def test_report_tables_and_paired_tests(tmp_path):
     text = (out / "results.md").read_text()
     assert "| moec8-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | – | – | 0.010/0.300, CV 0.50, 1 |" in text
     assert "| moe32-s1 | not started |" in text
-    # the only pair with both sides finished: MoEC against MoE at E = 8; identical-to-reference output wins
+    # the pairs with both sides finished: MoEC against MoE at E = 8, each against dense; identical-to-reference
+    # output wins
+    tests = text.split("Paired bootstrap")[1].splitlines()[4:]  # the rows below the table's header
+    tested = sorted(tuple(line.split(" | ")[:2]) for line in tests if line.startswith("| "))
+    assert tested == [("| dense-s1", "moe8-s1"), ("| dense-s1", "moec8-s1"), ("| moe8-s1", "moec8-s1")]
     rows = [line for line in text.splitlines() if line.startswith("| moe8-s1 | moec8-s1 |")]
     assert len(rows) == 1 and float(rows[0].split("|")[4]) < 0.01
+    rows = [line for line in text.splitlines() if line.startswith("| dense-s1 | moec8-s1 |")]
+    assert len(rows) == 1 and rows[0].split("|")[3].strip() == "100.00 / 100.00"  # dense's own output, its score
     assert (tmp_path / "img" / "study_v2_valid_loss.png").stat().st_size > 0
     assert (tmp_path / "img" / "study_v2_bleu_vs_experts.png").stat().st_size > 0
 
@@ -187,8 +193,8 @@ def test_export_keeps_what_rebuilds_the_report(tmp_path):
 
 def test_report_gap_is_final_valid_minus_train_eval(tmp_path):
     """gap = final valid - train_eval.json's loss, by hand; "–" without train_eval.json (not the training-mode
-    figure, which stays in results.json); group means over every seed or none; the kept-mask entry shows its
-    source run's numbers."""
+    figure, which stays in results.json); group means over every seed or none; the kept-mask entry points to its
+    source run's losses instead of copying them."""
     out = tmp_path / "out"
     (out / "data" / "raw").mkdir(parents=True)
     (out / "data" / "raw" / "test.en").write_text("a line\n")
@@ -203,7 +209,10 @@ def test_report_gap_is_final_valid_minus_train_eval(tmp_path):
     assert "| dense-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | 4.250 | +0.750 |" in text
     assert "| dense-s2 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | – | – |" in text
     assert "| moec32-s1 | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | 3.500 | +1.500 |" in text
-    assert "| moec32-s1-keepmask | done | 100.00 | 50.00 | 5.000 (200) | 5.000 | 3.500 | +1.500 |" in text
+    # the kept-mask entry translates with moec32-s1's model: no losses or routing of its own
+    same = " | ".join(["as moec32-s1"] * 5)
+    assert f"| moec32-s1-keepmask | done | 100.00 | 50.00 | {same} |" in text
+    assert "| moec32-keepmask | 1 | 100.00 | 50.00 | as moec32 | as moec32 | as moec32 | as moec32 |" in text
     # group means: dense lacks one seed's train_eval.json; moec32: (3.5 + 4.0) / 2 = 3.75, (1.5 + 1.0) / 2 = 1.25
     assert "| dense | 2 | 100.00 | 50.00 | 5.000 | 5.000 | – | – |" in text
     assert "| moec32 | 2 | 100.00 | 50.00 | 5.000 | 5.000 | 3.750 | +1.250 |" in text
