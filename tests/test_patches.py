@@ -5,21 +5,26 @@ target is not the one it was written against."""
 import argparse
 import errno
 import gc
+import json
+import logging
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MOEC_ARGS, run
 from fairseq import checkpoint_utils, file_io
 from fairseq.data import Dictionary, LanguagePairDataset, data_utils, indexed_dataset
 from fairseq.dataclass.configs import CheckpointConfig, DistributedTrainingConfig
 from fairseq.distributed import utils as distributed_utils
+from fairseq.logging import progress_bar
 from fairseq.models.transformer import TransformerConfig
 from fairseq.tasks import FairseqTask
 from fairseq.trainer import Trainer
@@ -39,6 +44,7 @@ from fairseq_moec.patches import (
     fresh_start,
     hydra_legacy_arch,
     last_batch,
+    log_file_once,
     one_line_errors,
     peer_broadcast,
     torchrun_cpu,
@@ -358,6 +364,73 @@ def test_expert_parallel_trainer_saves_every_process_to_its_own_file(monkeypatch
         assert fairseq["should_save_checkpoint_on_current_rank"].fget(trainer) is fairseq_saves
         assert fairseq["checkpoint_suffix"].fget(trainer) == ""
         assert (trainer.should_save_checkpoint_on_current_rank, trainer.checkpoint_suffix) == (saves, suffix)
+
+
+# -------------------------------------------------------------------------------------------- log_file_once
+TRAIN_WITH_OR_WITHOUT_THE_PATCH = """import sys
+import fairseq_moec
+from fairseq.logging import progress_bar
+from fairseq_moec.patches import log_file_once
+if sys.argv.pop(1) == "without":
+    progress_bar.progress_bar = log_file_once.fairseq_progress_bar
+from fairseq_cli.train import cli_main
+cli_main()
+"""
+
+
+def json_records_of_a_3_epoch_run(data_bin, work, patch):
+    """fairseq-train for 3 epochs (8 updates and one validation each) with --log-file: the json records of the
+    file, in order, each as (kind, epoch, update, loss): what tells them apart in a run and matches them across
+    runs (their times differ)."""
+    log_file = work / f"{patch}.log"
+    run(
+        [sys.executable, "-c", TRAIN_WITH_OR_WITHOUT_THE_PATCH, patch, data_bin, *TINY_MOEC_ARGS]
+        + ["--max-tokens", "6000", "--max-epoch", "3", "--no-save", "--save-dir", work / "checkpoints"]
+        + ["--log-file", log_file],
+        cwd=ROOT,
+    )
+    text = log_file.read_text()
+    assert text.count("end of epoch") == 3  # fairseq_cli.train's own FileHandler: once each (another logger)
+    records = []
+    for line in text.splitlines():
+        if line.startswith('{"'):  # not the config's {'_name': ...
+            r = json.loads(line)
+            kind = "valid" if "valid_loss" in r else "train" if "train_loss" in r else "train_inner"
+            records.append((kind, r["epoch"], r.get("update"), r.get("loss", r.get(f"{kind}_loss"))))
+    return records
+
+
+def test_log_file_once_writes_each_record_of_every_epoch_once(tiny_corpus, tmp_path):
+    _, _, data_bin = tiny_corpus
+    fairseq = Counter(json_records_of_a_3_epoch_run(data_bin, tmp_path, "without"))
+    patched = json_records_of_a_3_epoch_run(data_bin, tmp_path, "with")
+    assert [r[:2] for r in patched if r[0] != "train_inner"] == [(k, e) for e in (1, 2, 3) for k in ("valid", "train")]
+    assert len(patched) == len(set(patched)) == 3 * (8 + 2)
+    assert fairseq == Counter({r: r[1] for r in patched})  # the same run, epoch N's records N times
+
+
+def test_log_file_once_closes_the_file_handlers_it_removes(tmp_path, monkeypatch):
+    opened = []
+
+    class RecordedFileHandler(logging.FileHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    def three_epochs(progress_bar_function):
+        """The handlers opened by one progress bar an epoch: (on the logger, open) each; then removed, closed."""
+        opened.clear()
+        for _ in range(3):
+            progress_bar_function([], log_format="json", log_file=str(tmp_path / "train.log"))
+        state = [(h in progress_bar.logger.handlers, h.stream is not None) for h in opened]
+        for handler in opened:
+            progress_bar.logger.removeHandler(handler)
+            handler.close()
+        return state
+
+    monkeypatch.setattr(logging, "FileHandler", RecordedFileHandler)
+    assert three_epochs(log_file_once.fairseq_progress_bar) == [(True, True)] * 3
+    assert three_epochs(progress_bar.progress_bar) == [(True, True), (False, False), (False, False)]
 
 
 # ------------------------------------------------------------------------------------------------ refusals

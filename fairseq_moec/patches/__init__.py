@@ -17,6 +17,7 @@ from . import (
     fresh_start,
     hydra_legacy_arch,
     last_batch,
+    log_file_once,
     one_line_errors,
     peer_broadcast,
     torchrun_cpu,
@@ -38,6 +39,7 @@ PATCHES = (
     one_line_errors,  # how those refusals are printed
     atomic_checkpoint_copy,  # checkpoint writing
     expert_parallel_trainer,
+    log_file_once,  # --log-file
 )
 
 
