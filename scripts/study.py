@@ -186,6 +186,7 @@ def do_run(args, run, data):
             log(f"{run.name}: waits for {run.evaluate_of}")
             return
         rdir.mkdir(parents=True, exist_ok=True)
+        record_code_state(rdir)
         score = evaluate(args, run, data, src / "checkpoints" / "checkpoint_best.pt", rdir)
         files.write_json_atomic(rdir / "DONE", {"run": dataclasses.asdict(run), "score": score, "finished": now()})
         return
@@ -195,8 +196,7 @@ def do_run(args, run, data):
     if saved.exists() and json.loads(saved.read_text()) != cmd:
         raise SystemExit(f"{rdir} holds a run with other settings ({saved}); remove it or use another --out")
     files.write_json_atomic(saved, cmd)
-    with open(rdir / "code_state.jsonl", "a") as f:  # what code each session of this run trained with
-        f.write(json.dumps(study_report.code_state(ROOT)) + "\n")
+    record_code_state(rdir)
     t0 = time.time()
     sh(cmd)
     train_s = time.time() - t0
@@ -216,6 +216,13 @@ def do_run(args, run, data):
     done = {"run": dataclasses.asdict(run), "score": score, "routing": routing, "finished": now()}
     files.write_json_atomic(rdir / "DONE", dict(done, train_wall_s_last_session=round(train_s)))
     log(f"{run.name}: BLEU {score['bleu']} chrF {score['chrf']}")
+
+
+def record_code_state(rdir):
+    """Append the code state of this session to rdir/code_state.jsonl: what code each session trained or
+    evaluated with."""
+    with open(rdir / "code_state.jsonl", "a") as f:
+        f.write(json.dumps(study_report.code_state(ROOT)) + "\n")
 
 
 def evaluate(args, run, data, ckpt, rdir):
@@ -277,6 +284,7 @@ def train_eval(args, run, data, rdir):
             sh(cmd, stdout=f)
     stats = validate_stats(rdir / "train_eval.log", TRAIN_EVAL_SUBSET)
     result = dict(stats, checkpoint=ckpt.name, wall_s=round(time.time() - t0, 1), finished=now())
+    result["code_state"] = study_report.code_state(ROOT)
     files.write_json_atomic(out, result)
     log(f"{run.name}: loss on {TRAIN_EVAL_SUBSET} in eval mode {stats['loss']:.3f}")
     return result

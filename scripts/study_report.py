@@ -73,7 +73,7 @@ def code_state(root):
         "git_head": machine.git_commit(root) or "",
         "plugin_dirty": bool(machine.git_changes(root, "fairseq_moec")),
         "plugin_sha1": h.hexdigest()[:12],
-        "loadavg": machine.loadavg(),
+        "loadavg": list(machine.loadavg() or []),  # a list, as it reads back from json
     }
 
 

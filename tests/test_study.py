@@ -266,6 +266,7 @@ def test_done_run_gets_train_eval_once(tmp_path, monkeypatch):
     assert (flag(cmd, "--max-tokens"), flag(cmd, "--num-workers"), flag(cmd, "--log-format")) == ("6000", "0", "json")
     assert "--cpu" in cmd and "--inference-experts" not in cmd
     saved = json.loads((Path(args.out) / "runs" / "dense-s1" / "train_eval.json").read_text())
+    assert saved["code_state"]["git_head"] == study_report.code_state(study.ROOT)["git_head"]
     assert (saved["loss"], saved["nll_loss"], saved["checkpoint"], saved["subset"]) == (
         8.897,
         8.816,
@@ -319,3 +320,18 @@ def test_train_eval_with_the_real_fairseq_validate(tiny_moec_checkpoint, tmp_pat
     assert json.loads((rdir / "train_eval.json").read_text())["loss"] == result["loss"]
     monkeypatch.setattr(study, "sh", lambda *a, **k: pytest.fail("train_eval.json exists: nothing to run"))
     assert study.train_eval(args, run, data_bin.parent, rdir) == result
+
+
+def test_evaluation_entry_records_its_code_state(tmp_path, monkeypatch):
+    """The kept-mask entry translates in a later session than its source run trained: it keeps its own record of
+    the code it translated with."""
+    args = args_of(tmp_path)
+    runs = {r.name: r for r in study.plan(args.seeds)}
+    (Path(args.out) / "runs" / "moec32-s1").mkdir(parents=True)
+    (Path(args.out) / "runs" / "moec32-s1" / "DONE").write_text("{}")
+    monkeypatch.setattr(study, "evaluate", lambda *a: {"bleu": 1.0})
+    study.do_run(args, runs["moec32-s1-keepmask"], Path(args.out) / "data")
+    rdir = Path(args.out) / "runs" / "moec32-s1-keepmask"
+    states = [json.loads(line) for line in (rdir / "code_state.jsonl").read_text().splitlines()]
+    assert len(states) == 1 and states[0]["git_head"] == study_report.code_state(study.ROOT)["git_head"]
+    assert json.loads((rdir / "DONE").read_text())["score"] == {"bleu": 1.0}
