@@ -276,7 +276,7 @@ def plot(rows, means, plot_dir):
     ax.set_xlim(5, 50)  # both E values inside the frame, even while only one has runs
     ax.minorticks_off()
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8)  # below: never on a point
     _save(fig, plt, Path(plot_dir) / "study_v2_bleu_vs_experts.png")
 
 
