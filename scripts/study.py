@@ -352,7 +352,8 @@ def main(argv=None):
     runs = [r for r in plan(args.seeds) if not args.only or r.name in args.only]
     if args.list:
         for r in runs:
-            print(f"{r.name:24s} {study_report.state(Path(args.out) / 'runs' / r.name, args.updates)}")
+            state = study_report.state(Path(args.out) / "runs" / r.name, args.updates, not r.evaluate_of)
+            print(f"{r.name:24s} {state}")
         return 0
     if not args.report_only:
         data = prepare_data(args)

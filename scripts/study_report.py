@@ -77,9 +77,11 @@ def code_state(root):
     }
 
 
-def state(rdir, updates):
+def state(rdir, updates, trained=True):
+    """A run's state for --list and the table; TRAINED: a training run, which also needs train_eval.json."""
     if (rdir / "DONE").exists():
-        return "done"
+        missing = trained and not (rdir / "train_eval.json").exists()
+        return "done, without train_eval.json (the next run of the driver adds it)" if missing else "done"
     s = summarize(rdir / "train.log")
     return f"trained to update {s['last_update']} of {updates}" if s["last_update"] else "not started"
 

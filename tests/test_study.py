@@ -335,3 +335,16 @@ def test_evaluation_entry_records_its_code_state(tmp_path, monkeypatch):
     states = [json.loads(line) for line in (rdir / "code_state.jsonl").read_text().splitlines()]
     assert len(states) == 1 and states[0]["git_head"] == study_report.code_state(study.ROOT)["git_head"]
     assert json.loads((rdir / "DONE").read_text())["score"] == {"bleu": 1.0}
+
+
+def test_list_names_a_finished_run_without_train_eval(tmp_path, capsys):
+    args = args_of(tmp_path)
+    for name in ("dense-s1", "moe32-s1", "moec32-s1-keepmask"):
+        (Path(args.out) / "runs" / name).mkdir(parents=True)
+        (Path(args.out) / "runs" / name / "DONE").write_text("{}")
+    (Path(args.out) / "runs" / "dense-s1" / "train_eval.json").write_text("{}")
+    assert study.main(["--out", args.out, "--device", "cpu", "--list"]) == 0
+    states = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert states["dense-s1"] == "done" and states["moec32-s1-keepmask"] == "done"  # the latter: nothing to add
+    assert states["moe32-s1"].startswith("done, without train_eval.json")
+    assert states["moec32-s1"] == "not started"
