@@ -474,10 +474,12 @@ def test_a_target_of_another_shape_is_refused_and_nothing_is_replaced(monkeypatc
     assert applied == list(patches.PATCHES)
 
 
-def test_install_logs_one_line_per_patch_once():
+def _patch_log_lines(level: str) -> list[str]:
+    """The lines on the "fairseq_moec.patches" logger of a fresh process that installs the patches twice."""
     code = (
-        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(name)s | "
-        "%(message)s'); import fairseq_moec; from fairseq_moec import patches; patches.install()"
+        f"import logging, sys; logging.basicConfig(level=logging.{level}, stream=sys.stdout, format='%(name)s | "
+        "%(levelname)s | %(message)s'); import fairseq_moec; from fairseq_moec import patches; patches.install(); "
+        "patches.install()"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -487,6 +489,18 @@ def test_install_logs_one_line_per_patch_once():
         check=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     ).stdout
-    lines = [line for line in out.splitlines() if line.startswith("fairseq_moec.patches | ")]
-    assert [line.split(" | ")[1].split(":")[0] for line in lines] == [p.PATCH.name for p in patches.PATCHES]
+    return [line.split(" | ", 1)[1] for line in out.splitlines() if line.startswith("fairseq_moec.patches | ")]
+
+
+def test_install_logs_one_info_line_naming_every_patch_once():
+    names = [p.PATCH.name for p in patches.PATCHES]
+    assert _patch_log_lines("INFO") == [
+        f"INFO | patched fairseq {patches.FAIRSEQ_VERSION} in {len(names)} places: {', '.join(names)} "
+        "(each one's reason at DEBUG)"
+    ]
+
+
+def test_install_logs_each_patch_reason_once_at_debug():
+    lines = [line.split(" | ", 1)[1] for line in _patch_log_lines("DEBUG") if line.startswith("DEBUG | ")]
+    assert [line.split(":")[0] for line in lines] == [p.PATCH.name for p in patches.PATCHES]
     assert all(" replaced " in line or " added " in line for line in lines)

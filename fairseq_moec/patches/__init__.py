@@ -2,10 +2,13 @@
 
 Each module's docstring names the upstream behaviour it fixes, in fairseq-fixed 0.12.3.1 (the release every patch
 was written against), and has three functions: ``installed()``, ``check()`` (is the target there and shaped as
-expected? else PatchRefused) and ``apply()`` (keep the original, replace it, log one line on the logger
+expected? else PatchRefused) and ``apply()`` (keep the original, replace it, log what and why at DEBUG on the logger
 "fairseq_moec.patches"). ``install()`` checks every patch before it replaces anything, so a fairseq that does not
-fit is refused with a message and left untouched; it is idempotent.
+fit is refused with a message and left untouched; it is idempotent, and logs one INFO line naming the patches it
+applied (one line, not one per patch: every process of every fairseq command imports the plugin).
 """
+
+import logging
 
 from . import (
     atomic_checkpoint_copy,
@@ -43,6 +46,9 @@ PATCHES = (
 )
 
 
+logger = logging.getLogger("fairseq_moec.patches")
+
+
 def install() -> None:
     """Apply every patch not yet applied, after checking all of them (PatchRefused names the first misfit)."""
     pending = [patch for patch in PATCHES if not patch.installed()]
@@ -50,3 +56,8 @@ def install() -> None:
         patch.check()
     for patch in pending:
         patch.apply()
+    if pending:
+        names = ", ".join(patch.PATCH.name for patch in pending)
+        logger.info(
+            "patched fairseq %s in %d places: %s (each one's reason at DEBUG)", FAIRSEQ_VERSION, len(pending), names
+        )

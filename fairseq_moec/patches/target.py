@@ -1,4 +1,4 @@
-"""What every patch checks before it replaces anything, how it replaces, and the one line it logs.
+"""What every patch checks before it replaces anything, how it replaces, and the one (DEBUG) line it logs.
 
 A patch is written against the code of one fairseq release (fairseq-fixed 0.12.3.1, the fork that installs on
 Python >= 3.10). Another release may have moved, renamed or changed the function it wraps, and a wrapper around
@@ -83,5 +83,5 @@ class Patch:
         setattr(owner, attribute, self.mark(replacement))
 
     def log(self, what: str) -> None:
-        """The one line a patch logs: what it replaced (or added), and why."""
-        logger.info("%s: %s", self.name, what)
+        """The one line a patch logs at DEBUG: what it replaced (or added), and why (install() sums them up at INFO)."""
+        logger.debug("%s: %s", self.name, what)
