@@ -10,7 +10,19 @@ Trainer learns expert parallelism, checkpoints are copied atomically, unusable i
 (input_checks.py) and the fairseq commands print bad flags and files as one line.
 """
 
-from . import patches
+import logging
+
+# Importing fairseq runs logging.basicConfig(level=DEBUG) (fairseq/models/wav2vec/wav2vec2_classification.py): a
+# script that imports the plugin would print every library's DEBUG lines, and its own basicConfig would do nothing.
+# Undo it when this import is the one that imports fairseq (the fairseq commands configure logging first).
+_root = logging.getLogger()
+_root_level, _root_handlers = _root.level, list(_root.handlers)
+
+from . import patches  # noqa: E402  (imports fairseq)
+
+for _handler in [h for h in _root.handlers if h not in _root_handlers]:
+    _root.removeHandler(_handler)
+_root.setLevel(_root_level)
 
 patches.install()
 

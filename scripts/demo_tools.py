@@ -30,7 +30,6 @@ scripts/study.py, benchmarks/bench_e2e.py and the tests do.
 
 import argparse
 import hashlib
-import logging
 import lzma
 import os
 import re
@@ -39,11 +38,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-# importing the pipeline imports the plugin, whose patches of fairseq log what they replace: news for the fairseq
-# commands, noise for these text tools
-logging.getLogger("fairseq_moec.patches").setLevel(logging.WARNING)
-from fairseq_moec.pipeline import binarize, hypotheses, scores, subwords  # noqa: E402
-from fairseq_moec.pipeline.files import COMPRESSED, PipelineError  # noqa: E402
+from fairseq_moec.pipeline import binarize, hypotheses, scores, subwords
+from fairseq_moec.pipeline.files import COMPRESSED, PipelineError
 
 SPLITS = binarize.SPLITS
 SIDES = ("es", "en", "ref")  # the bundled corpus

@@ -193,7 +193,7 @@ def do_run(args, run, data):
     rdir.mkdir(parents=True, exist_ok=True)
     cmd = [str(c) for c in train_cmd(args, run, data / "bin", rdir)]
     saved = rdir / "command.json"
-    if saved.exists() and json.loads(saved.read_text()) != cmd:
+    if saved.exists() and settings_of(json.loads(saved.read_text())) != settings_of(cmd):
         raise SystemExit(f"{rdir} holds a run with other settings ({saved}); remove it or use another --out")
     files.write_json_atomic(saved, cmd)
     record_code_state(rdir)
@@ -216,6 +216,19 @@ def do_run(args, run, data):
     done = {"run": dataclasses.asdict(run), "score": score, "routing": routing, "finished": now()}
     files.write_json_atomic(rdir / "DONE", dict(done, train_wall_s_last_session=round(train_s)))
     log(f"{run.name}: BLEU {score['bleu']} chrF {score['chrf']}")
+
+
+def settings_of(cmd):
+    """A training command without the places it ran from: its checkout (the parent of --user-dir) and work
+    directory (the grandparent of the run directory --save-dir/..) read as placeholders, so that a run resumes from
+    another clone or a moved work directory, while any other change of the command is refused."""
+    places = {}
+    for flag, placeholder, up in (("--user-dir", "{checkout}", 1), ("--save-dir", "{out}", 3)):
+        if flag in cmd[:-1]:
+            places[str(Path(cmd[cmd.index(flag) + 1]).parents[up - 1])] = placeholder
+    for where in sorted(places, key=len, reverse=True):  # the longer first: a work dir inside the checkout
+        cmd = [c.replace(where, places[where]) for c in cmd]
+    return cmd
 
 
 def record_code_state(rdir):

@@ -504,3 +504,25 @@ def test_install_logs_each_patch_reason_once_at_debug():
     lines = [line.split(" | ", 1)[1] for line in _patch_log_lines("DEBUG") if line.startswith("DEBUG | ")]
     assert [line.split(":")[0] for line in lines] == [p.PATCH.name for p in patches.PATCHES]
     assert all(" replaced " in line or " added " in line for line in lines)
+
+
+def test_importing_the_plugin_leaves_the_root_logger_as_it_was():
+    """fairseq's import runs logging.basicConfig(level=DEBUG); a script that imports the plugin first keeps an
+    unconfigured root logger (WARNING, no handler), so its own basicConfig works, while a root configured before the
+    import keeps its level and handler."""
+    code = (
+        "import logging, sys; {before}import fairseq_moec; root = logging.getLogger(); "
+        "print(logging.getLevelName(root.level), len(root.handlers))"
+    )
+    outputs = []
+    for before in ("", "logging.basicConfig(level=logging.INFO, stream=sys.stderr); "):
+        run = subprocess.run(
+            [sys.executable, "-c", code.format(before=before)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        outputs.append(run.stdout.strip())
+    assert outputs == ["WARNING 0", "INFO 1"]

@@ -169,6 +169,41 @@ def test_finished_run_is_skipped_and_changed_settings_refused(tmp_path, monkeypa
     assert calls == []
 
 
+def test_a_run_resumes_from_another_checkout_and_work_dir_but_not_with_other_flags(tmp_path, monkeypatch):
+    """command.json holds absolute paths; the check compares the commands with the checkout and the work directory
+    read as places, so only a change of the command itself is refused."""
+    args = args_of(tmp_path)
+    run = {r.name: r for r in study.plan(args.seeds)}["moec8-s1"]
+    out = Path(args.out)
+    rdir = out / "runs" / run.name
+    rdir.mkdir(parents=True)
+    cmd = [str(c) for c in study.train_cmd(args, run, out / "data" / "bin", rdir)]
+
+    def elsewhere(c):  # the same run, started from a clone in /clone with its work directory in /old/work
+        return c.replace(str(out), "/old/work").replace(str(study.ROOT), "/clone")
+
+    class Started(Exception):
+        pass
+
+    def sh(cmd, **kw):
+        raise Started
+
+    monkeypatch.setattr(study, "sh", sh)
+    (rdir / "command.json").write_text(json.dumps([elsewhere(c) for c in cmd]))
+    with pytest.raises(Started):
+        study.do_run(args, run, out / "data")
+    assert json.loads((rdir / "command.json").read_text()) == cmd  # the record names where it runs now
+    for changed in (
+        [elsewhere(c).replace("0.002", "0.001") for c in cmd],  # --lr
+        [elsewhere(c) for c in cmd if c != "--no-epoch-checkpoints"],
+        [c.replace(str(out / "data"), "/other/data") for c in cmd],  # another data directory than the work dir's
+    ):
+        assert changed != [elsewhere(c) for c in cmd]
+        (rdir / "command.json").write_text(json.dumps(changed))
+        with pytest.raises(SystemExit, match="other settings"):
+            study.do_run(args, run, out / "data")
+
+
 def test_export_keeps_what_rebuilds_the_report(tmp_path):
     """The exported copy (no checkpoints) gives the same results.md as the working directory."""
     out, exported = tmp_path / "out", tmp_path / "exported"
