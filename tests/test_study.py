@@ -126,6 +126,25 @@ def fake_done(out, name, hyps, bleu, train_eval=None):
     (rdir / "DONE").write_text(json.dumps({"score": score, "routing": routing}))
 
 
+def test_paired_tests_of_the_whole_plan():
+    done = {r.name: (r, None, None) for r in study.plan((1, 2))}
+    expected = set()
+    for s in (1, 2):
+        for e in (8, 32):
+            expected |= {
+                (f"dense-s{s}", f"moe{e}-s{s}"),
+                (f"dense-s{s}", f"moec{e}-s{s}"),
+                (f"moe{e}-s{s}", f"moec{e}-s{s}"),
+            }
+    for ablation in ("lossonly", "droponly", "official"):  # seed 1 only
+        expected |= {("moec32-s1", f"moec32-{ablation}-s1"), ("moe32-s1", f"moec32-{ablation}-s1")}
+    expected.add(("moec32-s1", "moec32-s1-keepmask"))  # the same model translated two ways: against itself only
+    found = study_report.pairs(done)
+    assert len(found) == len(set(found)) and set(found) == expected
+    del done["moe32-s1"]  # a pair needs both sides finished
+    assert not any("moe32-s1" in pair for pair in study_report.pairs(done))
+
+
 def test_report_tables_and_paired_tests(tmp_path):
     out = tmp_path / "out"
     refs = [f"the {w} went to the house of the lord number {i}" for i, w in enumerate(["man", "woman", "king"] * 10)]
