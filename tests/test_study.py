@@ -223,6 +223,23 @@ def test_a_run_resumes_from_another_checkout_and_work_dir_but_not_with_other_fla
             study.do_run(args, run, out / "data")
 
 
+def test_settings_of_a_work_dir_inside_the_checkout():
+    """The default --out lies inside the checkout: the work dir is read first, so moving it out still matches."""
+
+    def cmd(checkout, out):
+        return [f"{checkout}/.venv/bin/fairseq-train", f"{out}/data/bin", "--user-dir", f"{checkout}/fairseq_moec"] + [
+            "--save-dir",
+            f"{out}/runs/moe8-s1/checkpoints",
+            "--lr",
+            "0.002",
+        ]
+
+    inside = cmd("/a/repo", "/a/repo/work/study_v2")
+    assert study.settings_of(inside) == study.settings_of(cmd("/b/clone", "/elsewhere/study_v2"))
+    assert study.settings_of(inside)[1] == "{out}/data/bin"
+    assert study.settings_of(inside) != study.settings_of(cmd("/a/repo", "/a/repo/work/study_v2")[:-1] + ["0.001"])
+
+
 def test_export_keeps_what_rebuilds_the_report(tmp_path):
     """The exported copy (no checkpoints) gives the same results.md as the working directory."""
     out, exported = tmp_path / "out", tmp_path / "exported"
