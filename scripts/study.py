@@ -219,13 +219,13 @@ def do_run(args, run, data):
 
 
 def settings_of(cmd):
-    """A training command without the places it ran from: its checkout (the parent of --user-dir) and work
-    directory (the grandparent of the run directory --save-dir/..) read as placeholders, so that a run resumes from
-    another clone or a moved work directory, while any other change of the command is refused."""
+    """A training command without the places it ran from: its checkout (--user-dir's parent) and work directory
+    (--save-dir is OUT/runs/NAME/checkpoints) read as placeholders, so that a run resumes from another clone or a
+    moved work directory, while any other change of the command is refused."""
     places = {}
-    for flag, placeholder, up in (("--user-dir", "{checkout}", 1), ("--save-dir", "{out}", 3)):
+    for flag, placeholder, parent in (("--user-dir", "{checkout}", 0), ("--save-dir", "{out}", 2)):
         if flag in cmd[:-1]:
-            places[str(Path(cmd[cmd.index(flag) + 1]).parents[up - 1])] = placeholder
+            places[str(Path(cmd[cmd.index(flag) + 1]).parents[parent])] = placeholder
     for where in sorted(places, key=len, reverse=True):  # the longer first: a work dir inside the checkout
         cmd = [c.replace(where, places[where]) for c in cmd]
     return cmd
