@@ -8,8 +8,6 @@ fit is refused with a message and left untouched; it is idempotent, and logs one
 applied (one line, not one per patch: every process of every fairseq command imports the plugin).
 """
 
-import logging
-
 from . import (
     atomic_checkpoint_copy,
     bf16_without_tpu,
@@ -26,7 +24,7 @@ from . import (
     torchrun_cpu,
     unreadable_checkpoint,
 )
-from .target import FAIRSEQ_VERSION, PatchRefused  # noqa: F401  (part of the package's interface)
+from .target import FAIRSEQ_VERSION, PatchRefused, logger  # noqa: F401  (part of the package's interface)
 
 PATCHES = (
     checkpoint_allowlist,  # torch.load of fairseq checkpoints
@@ -44,9 +42,6 @@ PATCHES = (
     expert_parallel_trainer,
     log_file_once,  # --log-file
 )
-
-
-logger = logging.getLogger("fairseq_moec.patches")
 
 
 def install() -> None:
