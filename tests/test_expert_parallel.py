@@ -445,18 +445,12 @@ def killed_and_restarted(tiny_corpus, tmp_path_factory):
     )
 
 
-def test_fairseq_hydra_train_on_two_processes_refuses_fp16_with_flattened_gradients(tiny_corpus, tmp_path):
-    """The WMT recipe on 2 gloo processes (tiny dimensions): with common.fp16 and flattened gradients each process
-    would compute another gradient norm; both stop with the one-line refusal (exit 2) before training. The two
-    processes meet at an explicit init method (fairseq-hydra-train loads the plugin, and so the torchrun_cpu
-    patch, only after it has read torchrun's environment)."""
+def hydra_tiny_command(program, data_bin, save):
+    """The WMT recipe's moec16_base config at tiny dimensions on the tiny corpus, on the CPU."""
     from test_hydra_configs import CONFIG_DIR, TINY
 
-    _, _, data_bin = tiny_corpus
-    save = tmp_path / "ckpt"
-    port = free_port()
-    command = [
-        str(cli("fairseq-hydra-train")),
+    return [
+        str(cli(program)),
         "--config-dir",
         str(CONFIG_DIR),
         "--config-name",
@@ -466,12 +460,25 @@ def test_fairseq_hydra_train_on_two_processes_refuses_fp16_with_flattened_gradie
         "task.source_lang=es",
         "task.target_lang=en",
         *TINY,
-        *FP16,
         "common.cpu=true",
         "dataset.max_tokens=1000",
         "dataset.num_workers=0",
         f"checkpoint.save_dir={save}",
         "distributed_training.distributed_backend=gloo",
+    ]
+
+
+def test_fairseq_hydra_train_on_two_processes_refuses_fp16_with_flattened_gradients(tiny_corpus, tmp_path):
+    """The WMT recipe on 2 gloo processes (tiny dimensions): with common.fp16 and flattened gradients each process
+    would compute another gradient norm; both stop with the one-line refusal (exit 2) before training. The two
+    processes meet at an explicit init method (fairseq-hydra-train loads the plugin, and so the torchrun_cpu
+    patch, only after it has read torchrun's environment)."""
+    _, _, data_bin = tiny_corpus
+    save = tmp_path / "ckpt"
+    port = free_port()
+    command = [
+        *hydra_tiny_command("fairseq-hydra-train", data_bin, save),
+        *FP16,
         f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
         f"distributed_training.distributed_world_size={W}",
         "distributed_training.distributed_no_spawn=true",
@@ -502,6 +509,29 @@ def test_fairseq_hydra_train_on_two_processes_refuses_fp16_with_flattened_gradie
         assert proc.returncode == 2 and refusal in err and "Traceback" not in err, (out + err)[-3000:]
         assert "num_updates" not in out + err
     assert not list(save.glob("*.pt"))
+
+
+def test_fairseq_moec_hydra_train_under_torchrun_on_cpu_trains_one_expert_parallel_model(tiny_corpus, tmp_path):
+    """fairseq-moec-hydra-train = fairseq-hydra-train with the plugin imported first, so that torchrun's 2 CPU
+    processes form one group (stock fairseq-hydra-train: each trains alone): 16 experts split 8 + 8, and the
+    checkpoint has its second process's shard."""
+    _, _, data_bin = tiny_corpus
+    save = tmp_path / "ckpt"
+    command = [
+        str(cli("torchrun")),
+        "--standalone",
+        f"--nproc_per_node={W}",
+        *hydra_tiny_command("fairseq-moec-hydra-train", data_bin, save),
+        "common.bf16=false",
+        "optimization.max_update=2",
+        "dataset.disable_validation=true",
+    ]
+    log = run(command, cwd=tmp_path).stdout
+    assert "distributed init (rank 1): env://" in log, log[-3000:]
+    main = save / "checkpoint_last.pt"
+    assert sc.load(str(main), mmap=True)["extra_state"][sc.META]["num_updates"] == 2
+    shard = sc.load(str(sc.shard_path(str(main), 1)))
+    assert shard["model"]["encoder.layers.3.fc1.moe.experts.fc1.0.weight"].shape[0] == 8
 
 
 @pytest.mark.slow
