@@ -139,6 +139,7 @@ def test_paired_tests_of_the_whole_plan():
     for ablation in ("lossonly", "droponly", "official"):  # seed 1 only
         expected |= {("moec32-s1", f"moec32-{ablation}-s1"), ("moe32-s1", f"moec32-{ablation}-s1")}
     expected.add(("moec32-s1", "moec32-s1-keepmask"))  # the same model translated two ways: against itself only
+    expected |= {(f"{g}-s1", f"{g}-s2") for g in ("dense", "moe8", "moec8", "moe32", "moec32")}  # seed vs seed
     found = study_report.pairs(done)
     assert len(found) == len(set(found)) and set(found) == expected
     del done["moe32-s1"]  # a pair needs both sides finished
