@@ -228,16 +228,18 @@ def write(out, runs, updates, plot_dir):
 def pairs(done):
     """(baseline, system) run names to test: MoEC against MoE at the same E and seed; the E=32 ablations and the
     kept-mask evaluation against MoEC with all its parts, the training ablations also against MoE32 (which part of
-    MoEC costs or gains over plain MoE); MoE and MoEC against dense at the same seed."""
+    MoEC costs or gains over plain MoE); MoE and MoEC against dense at the same seed; every later seed against the
+    first seed of its group (the same system: what the test calls significant when only the training seed
+    differs)."""
     out = []
     for name, (run, _, _) in done.items():
-        bases = []
+        bases = [] if run.seed == 1 else [f"{run.group}-s1"]
         if run.group.startswith("moec") and run.group[4:].isdigit():
-            bases = [f"moe{run.group[4:]}-s{run.seed}", f"dense-s{run.seed}"]
+            bases += [f"moe{run.group[4:]}-s{run.seed}", f"dense-s{run.seed}"]
         elif run.group.startswith("moec32-"):
-            bases = [f"moec32-s{run.seed}"] + ([] if run.evaluate_of else [f"moe32-s{run.seed}"])
+            bases += [f"moec32-s{run.seed}"] + ([] if run.evaluate_of else [f"moe32-s{run.seed}"])
         elif run.group.startswith("moe") and run.group[3:].isdigit():
-            bases = [f"dense-s{run.seed}"]
+            bases += [f"dense-s{run.seed}"]
         out += [(base, name) for base in bases if base in done]
     return out
 
