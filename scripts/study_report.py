@@ -266,7 +266,7 @@ def plot(rows, means, plot_dir):
     if not any(g.startswith("moe") and g.lstrip("moec").isdigit() for g in means):
         return  # BLEU against E needs at least one finished MoE or MoEC group
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for kind, color in (("moe", "C1"), ("moec", "C2")):
+    for kind, color, shift in (("moe", "C1", 0.96), ("moec", "C2", 1.04)):  # shift: the two kinds' seeds apart
         pts = sorted(
             (int(g[len(kind) :]), m["bleu"])
             for g, m in means.items()
@@ -274,9 +274,24 @@ def plot(rows, means, plot_dir):
         )
         if pts:
             ax.plot(*zip(*pts), marker="o", color=color, label=kind.upper() + " (mean over seeds)")
+        seeds = [
+            (int(run.group[len(kind) :]) * shift, stamp["score"]["bleu"])
+            for run, stamp, _ in rows
+            if stamp and run.group.startswith(kind) and run.group[len(kind) :].isdigit()
+        ]
+        if seeds:  # the spread between seeds, next to the differences between the means
+            ax.scatter(*zip(*seeds), marker="x", s=30, color=color, label=kind.upper() + " (each seed)")
     if "dense" in means:
-        ax.axhline(means["dense"]["bleu"], color="C0", linestyle=":", label="dense")
-    ax.set(xscale="log", xlabel="experts E", ylabel="test BLEU (best-valid checkpoint)", title="BLEU against E")
+        ax.axhline(means["dense"]["bleu"], color="C0", linestyle=":", label="dense (mean)")
+        for run, stamp, _ in rows:
+            if stamp and run.group == "dense":
+                ax.axhline(stamp["score"]["bleu"], color="C0", linestyle=":", linewidth=0.7, alpha=0.5)
+    ax.set(
+        xscale="log",
+        xlabel="experts E",
+        ylabel="test BLEU (best-valid checkpoint)",
+        title="BLEU against E (thin dotted: each dense seed)",
+    )
     ax.set_xticks([8, 32], ["8", "32"])
     ax.set_xlim(5, 50)  # both E values inside the frame, even while only one has runs
     ax.minorticks_off()
