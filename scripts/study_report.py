@@ -204,7 +204,9 @@ def write(out, runs, updates, plot_dir):
         lines.append(f"| {g} | {len(items)} | {m['bleu']:.2f} | {m['chrf']:.2f} | " + " | ".join(losses) + " |")
     lines += [
         "",
-        "Paired bootstrap resampling (sacrebleu --paired-bs, 1000 resamples; p: that the difference is chance):",
+        "Paired bootstrap resampling (sacrebleu --paired-bs, 1000 resamples of the test sentences; p: that the "
+        "difference comes from the choice of test sentences. It does not cover the training seed: compare the "
+        "seed-against-seed rows):",
         "",
         "| baseline | system | BLEU base / sys | p | chrF base / sys | p |",
         "|---|---|---|---|---|---|",
