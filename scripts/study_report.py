@@ -265,24 +265,21 @@ def plot(rows, means, plot_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     _save(fig, plt, Path(plot_dir) / "study_v2_valid_loss.png")
-    if not any(g.startswith("moe") and g.lstrip("moec").isdigit() for g in means):
-        return  # BLEU against E needs at least one finished MoE or MoEC group
+    by_kind = {  # the finished main MoE and MoEC runs (their group is the kind and E; ablations are not)
+        kind: [(run, stamp) for run, stamp, _ in rows if stamp and run.experts and run.group == f"{kind}{run.experts}"]
+        for kind in ("moe", "moec")
+    }
+    if not any(by_kind.values()):
+        return  # BLEU against E needs at least one finished MoE or MoEC run
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for kind, color, shift in (("moe", "C1", 0.96), ("moec", "C2", 1.04)):  # shift: the two kinds' seeds apart
-        pts = sorted(
-            (int(g[len(kind) :]), m["bleu"])
-            for g, m in means.items()
-            if g.startswith(kind) and g[len(kind) :].isdigit()
-        )
-        if pts:
-            ax.plot(*zip(*pts), marker="o", color=color, label=kind.upper() + " (mean over seeds)")
-        seeds = [
-            (int(run.group[len(kind) :]) * shift, stamp["score"]["bleu"])
-            for run, stamp, _ in rows
-            if stamp and run.group.startswith(kind) and run.group[len(kind) :].isdigit()
-        ]
-        if seeds:  # the spread between seeds, next to the differences between the means
-            ax.scatter(*zip(*seeds), marker="x", s=30, color=color, label=kind.upper() + " (each seed)")
+        if not by_kind[kind]:
+            continue
+        pts = sorted({run.experts: means[run.group]["bleu"] for run, _ in by_kind[kind]}.items())
+        ax.plot(*zip(*pts), marker="o", color=color, label=kind.upper() + " (mean over seeds)")
+        seeds = [(run.experts * shift, stamp["score"]["bleu"]) for run, stamp in by_kind[kind]]
+        # the spread between seeds, next to the differences between the means
+        ax.scatter(*zip(*seeds), marker="x", s=30, color=color, label=kind.upper() + " (each seed)")
     if "dense" in means:
         ax.axhline(means["dense"]["bleu"], color="C0", linestyle=":", label="dense (mean)")
         for run, stamp, _ in rows:
