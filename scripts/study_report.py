@@ -236,11 +236,11 @@ def pairs(done):
     out = []
     for name, (run, _, _) in done.items():
         bases = [] if run.seed == 1 else [f"{run.group}-s1"]
-        if run.group.startswith("moec") and run.group[4:].isdigit():
-            bases += [f"moe{run.group[4:]}-s{run.seed}", f"dense-s{run.seed}"]
+        if run.group == f"moec{run.experts}":
+            bases += [f"moe{run.experts}-s{run.seed}", f"dense-s{run.seed}"]
         elif run.group.startswith("moec32-"):
             bases += [f"moec32-s{run.seed}"] + ([] if run.evaluate_of else [f"moe32-s{run.seed}"])
-        elif run.group.startswith("moe") and run.group[3:].isdigit():
+        elif run.group == f"moe{run.experts}":
             bases += [f"dense-s{run.seed}"]
         out += [(base, name) for base in bases if base in done]
     return out
