@@ -6,7 +6,7 @@
 #
 # Steps (each one writes under temporary names and writes its stamp file last, so a finished step is skipped by
 # the next run and an interrupted one is redone; training resumes from checkpoint_last.pt). Stamps: the data steps
-# in $DEMO_DIR/stamps/, the model steps in $DEMO_DIR/<profile>-<hash of the training settings>/stamps/.
+# in $DEMO_DIR/stamps/, the model steps in $DEMO_DIR/model-<hash of the training settings>/stamps/.
 #   corpus      decompress the corpus to $DEMO_DIR/corpus and check it (aligned, no empty line, sha256)
 #   spm         joint sentencepiece unigram model (DEMO_VOCAB pieces) on train.SRC + train.TGT
 #   encode      sentencepiece-encode every split
@@ -16,18 +16,18 @@
 #   score       sacrebleu BLEU (tokenizer: sacrebleu's for the target language, 13a for most) and chrF with
 #               signatures -> results.txt / results.json
 #
-# Settings (environment variables; defaults in brackets, "long" profile values after the slash):
+# Settings (environment variables; defaults in brackets):
 #   DEMO_CORPUS [data/bible-es-en]: files {train,valid,test}.{SRC,TGT}, each plain, .xz or .gz, aligned line by
 #               line; optional {train,valid,test}.ref (unique ids) and SHA256SUMS (sha256sum format)
 #   DEMO_SRC [es]  DEMO_TGT [en]   language codes: the corpus' file suffixes (letters, digits, '_')
 #   DEMO_DIR [work/demo for es-en, work/demo-SRC-TGT otherwise; relative to the project root]
 #   DEMO_BLEU_TOKENIZE [""]  a sacrebleu tokenizer for BLEU instead of the target language's default
-#   DEMO_PROFILE [default | long: trains to convergence, validation every 250 updates, early stopping]
-#   DEMO_UPDATES [430 / 2000]  DEMO_LR [2e-3 / 2e-3]  DEMO_WARMUP [150 / 300]  DEMO_DROPOUT [0.1 / 0.2]
+#   DEMO_UPDATES [900]  DEMO_LR [2e-3]  DEMO_WARMUP [150]  DEMO_SCHEDULE [linear: warmup, then linear decay to 0 at
+#               DEMO_UPDATES | inverse_sqrt]  DEMO_DROPOUT [0.1]
 #   DEMO_MAX_TOKENS [6000]  DEMO_LAYERS [3]  DEMO_DIM [256]  DEMO_FFN [1024]  DEMO_HEADS [4]  DEMO_VOCAB [8000]
-#   DEMO_EXPERTS [8]  DEMO_CLUSTERS [2]  DEMO_CLUSTER_DROPOUT [0.25]  DEMO_DROPOUT_INTERVAL [50]
+#   DEMO_EXPERTS [8]  DEMO_CLUSTERS [2]  DEMO_CLUSTER_DROPOUT [0.5]  DEMO_DROPOUT_INTERVAL [the plugin's, 250]
 #   DEMO_MOE_ENCODER_LAYERS [1]  DEMO_MOE_DECODER_LAYERS [1]  DEMO_SEED [1]
-#   DEMO_BEAM [4 / 5]  DEMO_GEN_BATCH [128]  DEMO_SAVE_INTERVAL [150 / 250] (updates between checkpoints)
+#   DEMO_BEAM [4]  DEMO_GEN_BATCH [128]  DEMO_SAVE_INTERVAL [300] (updates between checkpoints and validations)
 #   DEMO_TRAIN_ARGS [""]   extra fairseq-train arguments, appended as is
 #   DEMO_GEN_ARGS [""]     extra fairseq-generate arguments, appended as is (e.g. "--max-len-b 20" for a smoke test)
 #   DEMO_STOP_AFTER [""]   stop after this step (corpus, spm, encode, preprocess, train, generate)
@@ -47,22 +47,21 @@ PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 TOOLS="$ROOT/scripts/demo_tools.py"
 
-PROFILE=${DEMO_PROFILE:-default}
-case "$PROFILE" in
-  default) D_UPDATES=430;   D_LR=2e-3; D_WARMUP=150;  D_DROPOUT=0.1; D_BEAM=4; D_SAVE=150 ;;
-  long)    D_UPDATES=2000;  D_LR=2e-3; D_WARMUP=300;  D_DROPOUT=0.2; D_BEAM=5; D_SAVE=250 ;;
-  *) die "DEMO_PROFILE must be 'default' or 'long', got '$PROFILE'" ;;
-esac
+# DEMO_PROFILE=long (until 2026-12) trained longer with early stopping; the schedule now decays to the end of
+# DEMO_UPDATES, so a longer run is DEMO_UPDATES alone
+[ -z "${DEMO_PROFILE:-}" ] || die "DEMO_PROFILE was removed: the learning rate decays to 0 at DEMO_UPDATES, so to \
+train longer raise DEMO_UPDATES (e.g. DEMO_UPDATES=3000)"
 SRC=${DEMO_SRC:-es}
 TGT=${DEMO_TGT:-en}
 CORPUS=${DEMO_CORPUS:-data/bible-es-en}
 if [ "$SRC-$TGT" = es-en ]; then D_DIR=work/demo; else D_DIR=work/demo-$SRC-$TGT; fi
 DIR=${DEMO_DIR:-$D_DIR}
 BLEU_TOKENIZE=${DEMO_BLEU_TOKENIZE:-}
-UPDATES=${DEMO_UPDATES:-$D_UPDATES}
-LR=${DEMO_LR:-$D_LR}
-WARMUP=${DEMO_WARMUP:-$D_WARMUP}
-DROPOUT=${DEMO_DROPOUT:-$D_DROPOUT}
+UPDATES=${DEMO_UPDATES:-900}
+LR=${DEMO_LR:-2e-3}
+WARMUP=${DEMO_WARMUP:-150}
+SCHEDULE=${DEMO_SCHEDULE:-linear}
+DROPOUT=${DEMO_DROPOUT:-0.1}
 MAX_TOKENS=${DEMO_MAX_TOKENS:-6000}
 LAYERS=${DEMO_LAYERS:-3}
 DIM=${DEMO_DIM:-256}
@@ -71,14 +70,14 @@ HEADS=${DEMO_HEADS:-4}
 VOCAB=${DEMO_VOCAB:-8000}
 EXPERTS=${DEMO_EXPERTS:-8}
 CLUSTERS=${DEMO_CLUSTERS:-2}
-CDROP=${DEMO_CLUSTER_DROPOUT:-0.25}
-CDROP_INTERVAL=${DEMO_DROPOUT_INTERVAL:-50}
+CDROP=${DEMO_CLUSTER_DROPOUT:-0.5}
+CDROP_INTERVAL=${DEMO_DROPOUT_INTERVAL:-}  # unset: the plugin's default
 MOE_ENC=${DEMO_MOE_ENCODER_LAYERS:-1}
 MOE_DEC=${DEMO_MOE_DECODER_LAYERS:-1}
 SEED=${DEMO_SEED:-1}
-BEAM=${DEMO_BEAM:-$D_BEAM}
+BEAM=${DEMO_BEAM:-4}
 GEN_BATCH=${DEMO_GEN_BATCH:-128}
-SAVE_INTERVAL=${DEMO_SAVE_INTERVAL:-$D_SAVE}
+SAVE_INTERVAL=${DEMO_SAVE_INTERVAL:-300}
 EXTRA_TRAIN_ARGS=${DEMO_TRAIN_ARGS:-}
 EXTRA_GEN_ARGS=${DEMO_GEN_ARGS:-}
 STOP_AFTER=${DEMO_STOP_AFTER:-}
@@ -93,11 +92,19 @@ int_setting() {  # int_setting VAR VALUE MIN
     || die "$1 must be an integer >= $3 (at most 9 digits), got '$2'"
 }
 for v in UPDATES:$UPDATES MAX_TOKENS:$MAX_TOKENS LAYERS:$LAYERS DIM:$DIM FFN:$FFN HEADS:$HEADS VOCAB:$VOCAB \
-         EXPERTS:$EXPERTS CLUSTERS:$CLUSTERS DROPOUT_INTERVAL:$CDROP_INTERVAL BEAM:$BEAM GEN_BATCH:$GEN_BATCH \
+         EXPERTS:$EXPERTS CLUSTERS:$CLUSTERS BEAM:$BEAM GEN_BATCH:$GEN_BATCH \
          SAVE_INTERVAL:$SAVE_INTERVAL; do
   int_setting "DEMO_${v%%:*}" "${v#*:}" 1
 done
+[ -z "$CDROP_INTERVAL" ] || int_setting DEMO_DROPOUT_INTERVAL "$CDROP_INTERVAL" 1
 int_setting DEMO_WARMUP "$WARMUP" 0
+case "$SCHEDULE" in
+  linear|inverse_sqrt) ;;
+  *) die "DEMO_SCHEDULE must be 'linear' (warmup, then linear decay to 0 at DEMO_UPDATES) or 'inverse_sqrt', \
+got '$SCHEDULE'" ;;
+esac
+[ "$SCHEDULE" != linear ] || [ "$WARMUP" -lt "$UPDATES" ] \
+  || die "DEMO_WARMUP=$WARMUP must be below DEMO_UPDATES=$UPDATES with DEMO_SCHEDULE=linear (the rate would never decay)"
 int_setting DEMO_SEED "$SEED" 0
 prob_setting() {  # prob_setting VAR VALUE: a number in [0, 1)
   [[ $2 =~ ^(0(\.[0-9]*)?|\.[0-9]+)$ ]] || die "$1 must be a number in [0, 1), got '$2'"
@@ -131,6 +138,7 @@ hash() { sha1sum | cut -c1-12; }
 is_done() { [ -f "$STAMPS/$1.done" ] && [ "$(cat "$STAMPS/$1.done")" = "$2" ]; }
 mark_done() { printf '%s\n' "$2" > "$STAMPS/$1.done.tmp" && mv -f "$STAMPS/$1.done.tmp" "$STAMPS/$1.done"; }
 T_START=$(date +%s)
+LOAD_START=$(cut -d" " -f1-3 /proc/loadavg 2>/dev/null || echo "?")
 CURRENT_STEP=""
 on_exit() {
   local rc=$?
@@ -211,6 +219,12 @@ do_preprocess() {
 run_step preprocess "$KEY_BIN" do_preprocess
 
 # --- 5. train -------------------------------------------------------------------------------------------
+case "$SCHEDULE" in
+  # warmup, then linear decay to 0 at the last update: a short run ends at a low rate instead of mid-descent
+  linear) SCHEDULE_ARGS=(--lr-scheduler polynomial_decay --power 1 --end-learning-rate 0
+                         --total-num-update "$UPDATES") ;;
+  inverse_sqrt) SCHEDULE_ARGS=(--lr-scheduler inverse_sqrt --warmup-init-lr 1e-07) ;;
+esac
 TRAIN_ARGS=(
   --user-dir "$ROOT/fairseq_moec" --task translation_moec --source-lang "$SRC" --target-lang "$TGT"
   --arch moec_transformer --share-all-embeddings
@@ -218,28 +232,21 @@ TRAIN_ARGS=(
   --encoder-ffn-embed-dim "$FFN" --decoder-ffn-embed-dim "$FFN"
   --encoder-attention-heads "$HEADS" --decoder-attention-heads "$HEADS" --dropout "$DROPOUT"
   --moe-encoder-layers "$MOE_ENC" --moe-decoder-layers "$MOE_DEC" --moe-expert-count "$EXPERTS"
-  --moe-clusters "$CLUSTERS" --cluster-dropout "$CDROP" --cluster-dropout-interval "$CDROP_INTERVAL"
+  --moe-clusters "$CLUSTERS" --cluster-dropout "$CDROP" ${CDROP_INTERVAL:+--cluster-dropout-interval "$CDROP_INTERVAL"}
   --criterion moec_label_smoothed_cross_entropy --label-smoothing 0.1
-  --optimizer adam --adam-betas "(0.9, 0.98)" --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP"
-  --warmup-init-lr 1e-07 --max-tokens "$MAX_TOKENS" --max-update "$UPDATES" --seed "$SEED" --cpu
+  --optimizer torch_adam --adam-betas "(0.9, 0.98)" --lr "$LR" --warmup-updates "$WARMUP" "${SCHEDULE_ARGS[@]}"
+  --max-tokens "$MAX_TOKENS" --max-update "$UPDATES" --seed "$SEED" --cpu --num-workers 0
   --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 1 --no-epoch-checkpoints
+  # validation (995 sentences, a few seconds) at the interval checkpoints and at the end, for the log
+  --validate-interval-updates "$SAVE_INTERVAL" --validate-interval 1000
 )
-if [ "$PROFILE" = long ]; then
-  # to convergence: validate every SAVE_INTERVAL updates, stop when valid loss has not improved 4 times in a row
-  TRAIN_ARGS+=(--validate-interval-updates "$SAVE_INTERVAL" --validate-interval 1000 --patience 4
-              --best-checkpoint-metric loss)
-  CKPT=checkpoint_best.pt
-else
-  # fixed number of updates; validation only at the interval checkpoints and at the end (995 sentences)
-  TRAIN_ARGS+=(--validate-interval 1000)
-  CKPT=checkpoint_last.pt
-fi
+CKPT=checkpoint_last.pt
 # shellcheck disable=SC2206
 [ -n "$EXTRA_TRAIN_ARGS" ] && TRAIN_ARGS+=($EXTRA_TRAIN_ARGS)
 # the key leaves out the arguments that name the checkout (--user-dir), so a moved checkout keeps its models
-KEY_TRAIN=$( { echo "$KEY_BIN $PROFILE"
+KEY_TRAIN=$( { echo "$KEY_BIN"
               for a in "${TRAIN_ARGS[@]}"; do [[ $a == "$ROOT"* ]] || printf '%s\n' "$a"; done; } | hash)
-MODEL="$DIR/$PROFILE-$KEY_TRAIN"
+MODEL="$DIR/model-$KEY_TRAIN"
 mkdir -p "$MODEL/stamps"
 STAMPS="$MODEL/stamps"  # train, generate and score are stamped per model: switching settings back and forth reuses them
 do_train() {
@@ -254,8 +261,10 @@ do_train() {
   fi
   log "fairseq-train: $UPDATES updates of $MAX_TOKENS tokens on CPU; log in $MODEL/train.log"
   printf '%q ' fairseq-train "$DIR/bin" "${TRAIN_ARGS[@]}" --save-dir "$MODEL/checkpoints" > "$MODEL/train.cmd"
-  fairseq-train "$DIR/bin" "${TRAIN_ARGS[@]}" --save-dir "$MODEL/checkpoints" \
-    --log-format simple --log-interval 10 2>&1 | tee -a "$MODEL/train.log" >&2
+  # glibc: keep freed gradient buffers in the heap instead of page-faulting them in again every update (faster
+  # on CPU, benchmarks/README.md)
+  MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 fairseq-train "$DIR/bin" "${TRAIN_ARGS[@]}" \
+    --save-dir "$MODEL/checkpoints" --log-format simple --log-interval 10 2>&1 | tee -a "$MODEL/train.log" >&2
   [ -f "$MODEL/checkpoints/$CKPT" ] || die "training finished without $MODEL/checkpoints/$CKPT"
 }
 run_step train "$KEY_TRAIN" do_train
@@ -263,14 +272,17 @@ run_step train "$KEY_TRAIN" do_train
 # --- 6. generate ----------------------------------------------------------------------------------------
 N_TEST=$(wc -l < "$DIR/corpus/test.$SRC")
 HYP="$MODEL/hyp.test.$TGT"
-KEY_GEN=$(echo "$KEY_TRAIN $CKPT beam $BEAM batch $GEN_BATCH${EXTRA_GEN_ARGS:+ $EXTRA_GEN_ARGS}" | hash)
+# at most 1.5 x source + 10 pieces: a bound that 14 of the 28,091 training pairs exceed, it stops a degenerate
+# repetition early instead of at fairseq's 200
+MAX_LEN=(--max-len-a 1.5 --max-len-b 10)
+KEY_GEN=$(echo "$KEY_TRAIN $CKPT beam $BEAM ${MAX_LEN[*]} batch $GEN_BATCH${EXTRA_GEN_ARGS:+ $EXTRA_GEN_ARGS}" | hash)
 do_generate() {
   rm -f "$MODEL/generate-test.txt" "$MODEL/generate-test.txt.tmp" "$HYP"
   log "fairseq-generate: beam $BEAM, $N_TEST test sentences, batch $GEN_BATCH"
   fairseq-generate "$DIR/bin" --user-dir "$ROOT/fairseq_moec" --task translation_moec --source-lang "$SRC" \
     --target-lang "$TGT" --gen-subset test --path "$MODEL/checkpoints/$CKPT" --beam "$BEAM" \
     --batch-size "$GEN_BATCH" --required-batch-size-multiple 1 --cpu --log-format simple --log-interval 1 \
-    $EXTRA_GEN_ARGS > "$MODEL/generate-test.txt.tmp"
+    "${MAX_LEN[@]}" $EXTRA_GEN_ARGS > "$MODEL/generate-test.txt.tmp"
   "$PY" "$TOOLS" collect "$MODEL/generate-test.txt.tmp" "$DIR/spm/spm.model" "$N_TEST" "$HYP" \
     || die "fairseq-generate did not translate every test line (see $MODEL/generate-test.txt.tmp)"
   mv "$MODEL/generate-test.txt.tmp" "$MODEL/generate-test.txt"
@@ -284,15 +296,21 @@ do_score() {
   updates=$(grep -oE "num_updates[ =][0-9]+" "$MODEL/train.log" 2>/dev/null | tail -1 | grep -oE "[0-9]+$" || true)
   # each value is its own argument: a path may hold any character (a '"' once broke a hand-made JSON here)
   "$PY" "$TOOLS" score "$HYP" "$DIR/corpus/test.$TGT" "$MODEL/results.txt" "$MODEL/results.json" \
-    --tgt-lang "$TGT" ${BLEU_TOKENIZE:+--tokenize "$BLEU_TOKENIZE"} --meta "profile=$PROFILE" \
-    --meta "checkpoint=$CKPT" --meta "beam=$BEAM" --meta "updates=${updates:-?}" --meta "model_dir=$MODEL" \
+    --tgt-lang "$TGT" ${BLEU_TOKENIZE:+--tokenize "$BLEU_TOKENIZE"} --meta "seed=$SEED" \
+    --meta "load_average_at_start=$LOAD_START" --meta "checkpoint=$CKPT" --meta "beam=$BEAM" --meta "updates=${updates:-?}" --meta "model_dir=$MODEL" \
     --meta "corpus=$CORPUS" --meta "source_lang=$SRC" --meta "target_lang=$TGT" > /dev/null
 }
 run_step score "$KEY_SCORE" do_score
 
 T_TOTAL=$(( $(date +%s) - T_START ))
 echo
-echo "== MoEC demo, $SRC -> $TGT, $N_TEST test lines of $CORPUS ($PROFILE profile; $MODEL) =="
+echo "== MoEC demo, $SRC -> $TGT, $N_TEST test lines of $CORPUS (seed $SEED) =="
 cat "$MODEL/results.txt"
 echo "steps: ${TIMES[*]/%/;} total ${T_TOTAL}s"
+echo "model: $MODEL/checkpoints/$CKPT"
 echo "results: $MODEL/results.txt, $MODEL/results.json; translations: $HYP"
+echo "translate a sentence of your own:"
+printf '  echo %q | fairseq-interactive %q --user-dir %q --task translation_moec --source-lang %q --target-lang %q \\\n' \
+  "$(head -n 1 "$DIR/corpus/test.$SRC")" "$DIR/bin" "$ROOT/fairseq_moec" "$SRC" "$TGT"
+printf '      --path %q --bpe sentencepiece --sentencepiece-model %q --cpu --beam %q\n' \
+  "$MODEL/checkpoints/$CKPT" "$DIR/spm/spm.model" "$BEAM"
