@@ -41,6 +41,16 @@ BAD = [
     (dict(moe_expert_count=8, moe_clusters=1, cluster_dropout=0.05), "--cluster-dropout"),  # 0.4 -> 0
     (dict(moe_expert_count=4, moe_clusters=2, cluster_dropout=0.2), "--cluster-dropout"),  # 0.4 -> 0
     (dict(moe_expert_count=4, moe_clusters=4, cluster_dropout=0.5), "--cluster-dropout"),  # clusters of 1
+    # gates, the token cluster loss and the official routing
+    (dict(moe_gate="softmax"), "--moe-gate: must be one of auto, expert, cluster, sigmoid"),
+    (dict(moe_gate="sigmoid"), "--moe-gate: sigmoid .* needs --moe-router cosine and --moe-top-k 1"),
+    (dict(moe_gate="sigmoid", moe_router="cosine", moe_top_k=2), "--moe-gate: sigmoid .*--moe-top-k 2"),
+    (dict(moe_gate="cluster", moe_clusters=1), "--moe-gate: cluster needs --moe-clusters > 1"),
+    (dict(moe_cluster_loss="token", moe_cluster_loss_norm="official"), "--moe-cluster-loss-norm: official is only"),
+    (dict(moe_loss_temperature=0.07), "--moe-loss-temperature: needs --moe-router cosine"),
+    (dict(moe_router="cosine", moe_loss_temperature=0.0), "--moe-loss-temperature: must be > 0"),
+    (dict(moe_router="cosine", moe_loss_temperature=math.inf), "--moe-loss-temperature"),
+    (dict(moe_cluster_loss="pairs"), "--moe-cluster-loss: must be one of intra, ratio, token"),
 ]
 
 
@@ -53,6 +63,21 @@ def test_invalid_options_name_the_flag(kwargs, flag):
 def test_clusters_error_lists_allowed_values():
     with pytest.raises(ValueError, match=r"allowed: 1, 2, 4, 8"):
         MoEConfig(moe_expert_count=8, moe_clusters=3).validate()
+
+
+def test_the_official_recipe_and_the_token_loss_pass():
+    official = MoEConfig(
+        moe_expert_count=64,
+        moe_clusters=8,
+        moe_router="cosine",
+        moe_gate="sigmoid",
+        moe_loss_temperature=0.07,
+        moe_cluster_loss_norm="official",
+        cluster_dropout=0.5,
+        cluster_dropout_reroute="global",
+    ).validate()
+    assert official.gate == "sigmoid"
+    assert MoEConfig(moe_clusters=2, moe_cluster_loss="token", moe_top_k=2).validate().gate == "cluster"
 
 
 def test_valid_config_passes():

@@ -171,6 +171,18 @@ META_CASES = {
     "top2": (dict(moe_expert_count=8, moe_top_k=2), 16, 32),
     "top1-drop": (dict(moe_expert_count=8, moe_clusters=2, cluster_dropout=0.5), 16, 32),
     "wmt-big": (WMT_BIG, 1024, 4096),  # meta tensors hold no data: the real sizes cost nothing
+    "token-loss": (dict(moe_expert_count=8, moe_clusters=2, cluster_dropout=0.5, moe_cluster_loss="token"), 16, 32),
+    "official-recipe": (
+        dict(
+            WMT_BIG,
+            moe_gate="sigmoid",
+            moe_loss_temperature=0.07,
+            moe_cluster_loss_norm="official",
+            cluster_dropout_reroute="global",
+        ),
+        1024,
+        4096,
+    ),
 }
 
 

@@ -92,6 +92,9 @@ TOKENS = torch.randn(64, 16, generator=torch.Generator().manual_seed(1), dtype=t
         {"moe_cluster_loss": "ratio"},
         {"moe_cluster_loss_norm": "official"},
         {"moe_router": "cosine"},
+        {"moe_cluster_loss": "token"},
+        {"moe_cluster_loss": "token", "cluster_dropout": 0.5},
+        {"moe_router": "cosine", "moe_gate": "sigmoid", "moe_loss_temperature": 0.07},
     ],
 )
 def test_cluster_term_alone_gives_the_router_a_gradient(kw):
@@ -99,6 +102,8 @@ def test_cluster_term_alone_gives_the_router_a_gradient(kw):
     layer(TOKENS)
     layer.last_losses["cluster"].backward()
     router = dict(layer.router.named_parameters())
+    if "moe_loss_temperature" in kw:  # the losses see cosine / a fixed temperature: the learned one is not in them
+        assert router.pop("log_temperature").grad is None
     assert router and all(p.grad is not None and p.grad.abs().max() > 1e-8 for p in router.values()), {
         n: None if p.grad is None else float(p.grad.abs().max()) for n, p in router.items()
     }

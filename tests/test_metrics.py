@@ -42,6 +42,14 @@ INTRA, INTER = 2.96 / 72, (1.6 / 12) ** 2
 CV, ENTROPY = 1 / math.sqrt(3), 0.5 * math.log(2) + 0.5 * math.log(6)
 
 
+# Token cluster loss terms: with m' = 2, q Var(2 r) / 1 = (p_a - p_b)^2 / q per cluster; impurity 2 (1 - q0^2 - q1^2).
+# Per row, q0 = .8 .7 .2 .3 .5 .9 and the terms of C0 and C1:
+CONCENTRATION_C0 = [0.04 / 0.8, 0.25 / 0.7, 0.0, 0.01 / 0.3, 0.16 / 0.5, 0.25 / 0.9]
+CONCENTRATION_C1 = [0.0, 0.01 / 0.3, 0.16 / 0.8, 0.01 / 0.7, 0.09 / 0.5, 0.0]
+CONCENTRATION = (sum(CONCENTRATION_C0) + sum(CONCENTRATION_C1)) / 6
+IMPURITY = sum(2 * (1 - q * q - (1 - q) ** 2) for q in (0.8, 0.7, 0.2, 0.3, 0.5, 0.9)) / 6
+
+
 def test_loss_functions_on_the_fixed_routing():
     assert float(losses.load_balance_loss(PROBS, losses.expert_counts(EXPERTS, 4))) == pytest.approx(BALANCE)
     intra, inter = losses.cluster_variances(losses.routing_mass(PROBS, "relative"), 2)
@@ -80,6 +88,10 @@ def test_moe_layer_reports_the_hand_computed_losses_and_stats():
     assert float(S["inter_var"]) == pytest.approx(INTER, rel=1e-5)
     assert float(S["tokens"]) == 6 and S["expert_load"].tolist() == [3, 1, 1, 1]
     assert float(S["dropped_frac"]) == 0 and float(S["rerouted_frac"]) == 0
+    # top-2 per row: (0, 1) (1, 2) (3, 2) (2, 3) (0, 3) (0, 1): 4 of 6 in one cluster; chance (2 - 1) / (4 - 1)
+    assert float(S["co_routing"]) == pytest.approx(4 / 6) and float(S["co_routing_chance"]) == pytest.approx(1 / 3)
+    assert float(S["mate_concentration"]) == pytest.approx(CONCENTRATION, rel=1e-5)
+    assert float(S["cluster_impurity"]) == pytest.approx(IMPURITY, rel=1e-5)
     # the 'ratio' cluster loss of the same routing
     layer = fixed_layer(moe_cluster_loss="ratio")
     layer(PROBS.log())

@@ -15,7 +15,18 @@ from ..modules.config import ConfigError
 # Per-layer statistics logged as moe_<layer>_<stat>: token-weighted averages, so that they aggregate
 # correctly across processes and gradient-accumulation steps (fairseq sums logging outputs).
 LOSS_TERMS = ("balance", "cluster", "z")
-ROUTING_STATS = ("load_cv", "load_entropy", "dropped_frac", "rerouted_frac", "intra_var", "inter_var")
+ROUTING_STATS = (
+    "load_cv",
+    "load_entropy",
+    "dropped_frac",
+    "rerouted_frac",
+    "intra_var",
+    "inter_var",
+    "co_routing",
+    "co_routing_chance",
+    "mate_concentration",
+    "cluster_impurity",
+)
 
 
 @dataclass

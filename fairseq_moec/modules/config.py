@@ -11,8 +11,12 @@ from typing import Optional
 
 ROUTERS = ("linear", "cosine")
 REROUTES = ("cluster", "global")
-CLUSTER_LOSSES = ("intra", "ratio")
+CLUSTER_LOSSES = ("intra", "ratio", "token")
 LOSS_NORMS = ("relative", "official")
+GATES = ("auto", "expert", "cluster", "sigmoid")
+# The official MoEC code computes its balance and cluster losses on softmax(cosine / 0.07), a fixed temperature,
+# whatever the router's learned one (its TEMPERATURE_FOR_L_UAX): the value --moe-loss-temperature takes there.
+OFFICIAL_LOSS_TEMPERATURE = 0.07
 ACTIVATIONS = ("relu", "gelu")
 EXPERT_PARALLEL = ("auto", "off")
 PLACEMENTS = ("contiguous", "cluster")
@@ -51,6 +55,22 @@ class MoEConfig:
     )
     moe_router_dim: int = _opt(32, "projection size of the cosine router")
     moe_router_temperature: float = _opt(0.07, "initial (learned) temperature of the cosine router")
+    moe_gate: str = _opt(
+        "auto",
+        "weight of the chosen expert's output: 'expert' = its router probability (top-2: renormalised over the pair); "
+        "'cluster' = the probability of its cluster (the sum over the cluster's surviving experts; top-2: "
+        "renormalised), which does not shrink when cluster mates share a token's probability; 'sigmoid' = the official "
+        "MoEC code's gate a = sigmoid(cosine / learned temperature), output a * expert(x) + (1 - a) * x (needs "
+        "--moe-router cosine and --moe-top-k 1); 'auto' = 'cluster' with --moe-cluster-loss token and "
+        "--moe-clusters > 1, else 'expert'",
+        GATES,
+    )
+    moe_loss_temperature: Optional[float] = _opt(
+        None,
+        "fixed temperature T of the probabilities that the balance and cluster losses see, softmax(cosine / T) "
+        f"(needs --moe-router cosine; the official MoEC code: {OFFICIAL_LOSS_TEMPERATURE}). Unset = the router's "
+        "own probabilities",
+    )
     moe_capacity_factor: Optional[float] = _opt(
         None, "training capacity factor; tokens over capacity are dropped (skip the layer). Unset = dropless"
     )
@@ -73,7 +93,9 @@ class MoEConfig:
     )
     moe_cluster_loss: str = _opt(
         "intra",
-        "cluster variance loss: 'intra' (mean within-cluster variance of routing mass) or 'ratio' (intra / inter)",
+        "cluster loss: 'intra' (mean within-cluster variance of routing mass), 'ratio' (intra / inter), or 'token' "
+        "(per token: the cluster mates share its cluster's probability evenly, and it is sure of its cluster; "
+        "docs/method.md)",
         CLUSTER_LOSSES,
     )
     moe_cluster_loss_norm: str = _opt(
@@ -81,7 +103,7 @@ class MoEConfig:
         "scale of the cluster loss: 'relative' = variance of E' x (mean router probability of each expert over "
         "tokens), 1 for every expert of a uniform router (E' = experts not dropped), so --moe-cluster-weight means the "
         "same at every E and batch size; 'official' = the official MoEC code's term (unbiased variance of masses "
-        "summed over tokens, times E'; grows with tokens^2)",
+        "summed over tokens, times E'; grows with tokens^2). Only for --moe-cluster-loss intra and ratio",
         LOSS_NORMS,
     )
     moe_seed: int = _opt(
@@ -109,6 +131,14 @@ class MoEConfig:
     @property
     def dropped_per_cluster(self) -> int:
         return experts_dropped_per_cluster(self.cluster_dropout, self.cluster_size)
+
+    @property
+    def gate(self) -> str:
+        """The gate in use: --moe-gate with 'auto' resolved. 'auto' keeps every configuration that predates the
+        option on the gate it had ('expert'); only the token cluster loss, whose mates share probability, moves on."""
+        if self.moe_gate != "auto":
+            return self.moe_gate
+        return "cluster" if self.moe_cluster_loss == "token" and self.moe_clusters > 1 else "expert"
 
     def validate(self) -> "MoEConfig":
         """Raise ConfigError naming the flag for every invalid value or combination."""
@@ -146,6 +176,7 @@ class MoEConfig:
             ("cluster_dropout_reroute", REROUTES),
             ("moe_cluster_loss", CLUSTER_LOSSES),
             ("moe_cluster_loss_norm", LOSS_NORMS),
+            ("moe_gate", GATES),
             ("moe_expert_parallel", EXPERT_PARALLEL),
             ("moe_expert_placement", PLACEMENTS),
         ):
@@ -155,6 +186,36 @@ class MoEConfig:
             bad("moe_router_dim", f"must be >= 1, got {self.moe_router_dim}")
         if not self.moe_router_temperature > 0:
             bad("moe_router_temperature", f"must be > 0, got {self.moe_router_temperature}")
+        if self.moe_cluster_loss == "token" and self.moe_cluster_loss_norm != "relative":
+            bad(
+                "moe_cluster_loss_norm",
+                f"{self.moe_cluster_loss_norm} is only for --moe-cluster-loss intra or ratio (the token loss has one "
+                "scale, 0 to 1 per term): use --moe-cluster-loss-norm relative",
+            )
+        if self.moe_gate == "sigmoid" and (self.moe_router != "cosine" or self.moe_top_k != 1):
+            bad(
+                "moe_gate",
+                f"sigmoid (the official code's gate) needs --moe-router cosine and --moe-top-k 1, got --moe-router "
+                f"{self.moe_router} --moe-top-k {self.moe_top_k}; the other gates: auto, expert, cluster",
+            )
+        if self.moe_gate == "cluster" and G == 1:
+            bad(
+                "moe_gate",
+                "cluster needs --moe-clusters > 1 (with one cluster the gate is 1 for every token): use "
+                "--moe-gate auto or expert",
+            )
+        if self.moe_loss_temperature is not None:
+            if not self.moe_loss_temperature > 0:
+                bad(
+                    "moe_loss_temperature",
+                    f"must be > 0 (leave unset for the router's own probabilities), got {self.moe_loss_temperature}",
+                )
+            if self.moe_router != "cosine":
+                bad(
+                    "moe_loss_temperature",
+                    f"needs --moe-router cosine (it divides the cosine scores), got --moe-router {self.moe_router}; "
+                    "leave it unset for the router's own probabilities",
+                )
         for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
             cf = getattr(self, name)
             if cf is not None and not cf > 0:

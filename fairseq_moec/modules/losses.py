@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .router import cluster_probabilities
+
 EPS = 1e-9
 
 
@@ -88,6 +90,35 @@ def cluster_loss(intra: torch.Tensor, inter: torch.Tensor, kind: str) -> torch.T
     return intra if kind == "intra" else intra / (inter + EPS)
 
 
+def token_cluster_terms(
+    probs: torch.Tensor,
+    num_clusters: int,
+    survivors: Optional[torch.Tensor] = None,
+    real: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(concentration, impurity): the two terms of the token cluster loss, each a mean over tokens in [0, 1].
+
+    Per token t, over the m'_g surviving experts of each cluster g: q_tg = sum_(e in g) p_te, r_te = p_te / q_tg.
+    concentration = sum_g q_tg Var_(e in g)(m'_g r_te) / (m'_g - 1) (population variance): 0 when the token
+    spreads each cluster's probability evenly over the mates, 1 when it puts it on one mate; clusters of one
+    survivor count 0. impurity = (1 - sum_g q_tg^2) / (1 - 1/G): 0 when the token is sure of its cluster, 1 when
+    it is uniform over the clusters. q_tg Var / (m' - 1) is computed as sum_e (m' p_te - q_tg)^2 / (q_tg m' (m' - 1)),
+    with q clamped away from 0: an empty cluster (q = 0, p = 0) adds 0 and no NaN to the gradients."""
+    T, E = probs.shape
+    G = num_clusters
+    p = probs.view(T, G, E // G)
+    w = torch.ones_like(p[0]) if survivors is None else survivors.view(G, -1).to(p.dtype)  # [G, m]
+    n = w.sum(1)  # m'_g
+    q = cluster_probabilities(probs, E // G)  # [T, G]
+    squared = ((p * n[:, None] - q[..., None]) * w).pow(2).sum(-1)
+    per_cluster = squared / (q.clamp(min=EPS) * n * (n - 1).clamp(min=1)) * (n > 1).to(p.dtype)
+    concentration = token_mean(per_cluster.sum(-1), real)
+    if G == 1:  # one cluster: the token is always sure of it
+        return concentration, concentration.new_zeros(())
+    impurity = token_mean((1 - q.pow(2).sum(-1)) / (1 - 1 / G), real)
+    return concentration, impurity
+
+
 def cluster_terms(
     probs: torch.Tensor,
     num_clusters: int,
@@ -96,11 +127,15 @@ def cluster_terms(
     survivors: Optional[torch.Tensor] = None,
     real: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, intra, inter) of the cluster variance loss; intra and inter always on the 'relative' scale, for the
+    """(loss, intra, inter) of the cluster loss; intra and inter always on the 'relative' scale, for the
     logs. norm 'official' reproduces the official code's term: unbiased variance of summed masses, times the E'
     inside its aux loss l_aux = E' * (L_balance + c * V). Its size relative to the default is
-    T^2 / E' * m / (m - 1) (m: surviving experts per cluster), see ``official_equivalent_weight``."""
+    T^2 / E' * m / (m - 1) (m: surviving experts per cluster), see ``official_equivalent_weight``.
+    kind 'token': concentration + impurity of ``token_cluster_terms`` (norm 'relative' only)."""
     intra, inter = cluster_variances(routing_mass(probs, "relative", survivors, real), num_clusters, survivors)
+    if kind == "token":
+        concentration, impurity = token_cluster_terms(probs, num_clusters, survivors, real)
+        return concentration + impurity, intra, inter
     if norm == "official":
         mass = routing_mass(probs, "official", real=real)
         official, _ = cluster_variances(mass, num_clusters, survivors, unbiased=True)
@@ -133,3 +168,20 @@ def load_statistics(
     p = load * w / (load * w).sum().clamp(min=EPS)
     entropy = -(p * p.clamp(min=EPS).log()).sum()
     return cv, entropy
+
+
+def same_cluster_top2(scores: torch.Tensor, cluster_size: int) -> torch.Tensor:
+    """bool [T]: the two highest-scoring experts of each token are in the same cluster. Scores are probabilities or
+    logits (the same ranking); with dropped experts at -inf logits they never rank above a survivor, where a
+    probability that underflows to 0 could tie with a dropped expert's 0."""
+    top2 = scores.topk(2, dim=-1).indices // cluster_size
+    return top2[:, 0] == top2[:, 1]
+
+
+def co_routing_chance(surviving_experts: int, surviving_per_cluster: int) -> Optional[float]:
+    """The co-routing rate of a router that ignores the clusters: the chance that a second expert drawn at random
+    from the other E' - 1 survivors is in the first one's cluster, (m' - 1) / (E' - 1). Every cluster keeps the
+    same m' survivors, so it is the same whichever first expert a token has. None when E' < 2."""
+    if surviving_experts < 2:
+        return None
+    return (surviving_per_cluster - 1) / (surviving_experts - 1)

@@ -142,36 +142,61 @@ class MoELayer(nn.Module):
         if self.training and cfg.moe_jitter_eps > 0:
             router_in = x * torch.empty_like(x).uniform_(1 - cfg.moe_jitter_eps, 1 + cfg.moe_jitter_eps)
         survivors = self.cluster_dropout.mask()
-        r = route(self.router(router_in), cfg.moe_top_k, cfg.cluster_size, survivors, cfg.cluster_dropout_reroute)
+        if cfg.moe_loss_temperature is None:
+            logits = self.router(router_in)
+        else:  # cosine router: the losses see its cosine at a fixed temperature, routing and gate its learned one
+            cosine = self.router.cosine(router_in)
+            logits = cosine / self.router.temperature()
+        r = route(logits, cfg.moe_top_k, cfg.cluster_size, survivors, cfg.cluster_dropout_reroute, cfg.gate)
         factor = self._capacity_factor()
         expert_fn = self.experts if self.expert_parallel is None else self._run_experts_remotely
         rows = losses.expert_counts(r.experts, E)  # every row, padding included: the dispatch's groups
         out, kept = dispatch_combine(x, r.experts, r.gates, E, expert_fn, capacity(T, E, cfg.moe_top_k, factor), rows)
+        if cfg.gate == "sigmoid":  # the official output a * E(x) + (1 - a) * x; over capacity: 0, as every gate
+            out = out + ((1 - r.gates[:, 0]) * kept[:, 0]).to(x.dtype)[:, None] * x
         counts = rows if real is None else losses.expert_counts(r.experts, E, real)
-        self._record(r, kept, survivors, counts, real)
+        loss_probs = r.probs
+        if cfg.moe_loss_temperature is not None:
+            loss_logits = cosine / cfg.moe_loss_temperature
+            if survivors is not None:
+                loss_logits = loss_logits.masked_fill(~survivors, float("-inf"))
+            loss_probs = loss_logits.softmax(-1)
+        self._record(r, loss_probs, kept, survivors, counts, real)
         return out, r
 
     def _run_experts_remotely(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return run_experts_remotely(rows, counts, self.experts, self.expert_parallel)
 
-    def _record(self, r, kept, survivors, counts, real=None) -> None:
+    def _record(self, r, probs, kept, survivors, counts, real=None) -> None:
+        """Losses and statistics of one forward. ``probs``: the probabilities the balance and cluster losses see
+        (the router's, or softmax(cosine / --moe-loss-temperature))."""
         cfg = self.cfg
-        if r.probs.shape[0] == 0:  # no token at all: nothing to balance
-            zero = r.probs.new_zeros(())
+        G = cfg.moe_clusters
+        if probs.shape[0] == 0:  # no token at all: nothing to balance
+            zero = probs.new_zeros(())
             self.last_losses = {"balance": zero, "cluster": zero, "z": zero}
             self.last_stats = {}
             return
-        cluster, intra, inter = losses.cluster_terms(
-            r.probs, cfg.moe_clusters, cfg.moe_cluster_loss, cfg.moe_cluster_loss_norm, survivors, real
-        )
+        token_loss = cfg.moe_cluster_loss == "token"
+        if G > 1:  # logged for every cluster loss; a graph only where it is the loss
+            with torch.set_grad_enabled(torch.is_grad_enabled() and token_loss):
+                concentration, impurity = losses.token_cluster_terms(probs, G, survivors, real)
+        if token_loss:
+            cluster = concentration + impurity if G > 1 else probs.new_zeros(())
+            mass = losses.routing_mass(probs, "relative", survivors, real)
+            intra, inter = losses.cluster_variances(mass, G, survivors)
+        else:
+            cluster, intra, inter = losses.cluster_terms(
+                probs, G, cfg.moe_cluster_loss, cfg.moe_cluster_loss_norm, survivors, real
+            )
         self.last_losses = {
-            "balance": losses.load_balance_loss(r.probs, counts, survivors, real),
-            "cluster": cluster if cfg.moe_clusters > 1 else cluster.new_zeros(()),
+            "balance": losses.load_balance_loss(probs, counts, survivors, real),
+            "cluster": cluster if G > 1 else cluster.new_zeros(()),
             "z": losses.router_z_loss(r.logits, real),
         }
         with torch.no_grad():
             cv, entropy = losses.load_statistics(counts, survivors)
-            tokens = r.probs.new_full((), r.probs.shape[0]) if real is None else real.to(r.probs.dtype).sum()
+            tokens = probs.new_full((), probs.shape[0]) if real is None else real.to(probs.dtype).sum()
             self.last_stats = {
                 "load_cv": cv,
                 "load_entropy": entropy,
@@ -182,3 +207,13 @@ class MoELayer(nn.Module):
                 "tokens": tokens,
                 "expert_load": counts.float(),
             }
+            if G > 1:  # then every cluster keeps a survivor: E' >= 2
+                # the chance level from the config's survivor counts, not from a read of the mask
+                surviving_per_cluster = cfg.cluster_size - (0 if survivors is None else cfg.dropped_per_cluster)
+                chance = losses.co_routing_chance(G * surviving_per_cluster, surviving_per_cluster)
+                # ranked by the logits, where dropped experts are at -inf
+                same = losses.same_cluster_top2(r.logits, cfg.cluster_size)
+                self.last_stats["co_routing"] = losses.token_mean(same.float(), real)
+                self.last_stats["co_routing_chance"] = probs.new_full((), chance)
+                self.last_stats["mate_concentration"] = concentration.detach()
+                self.last_stats["cluster_impurity"] = impurity.detach()

@@ -31,10 +31,23 @@ class CosineRouter(nn.Module):
         nn.init.orthogonal_(self.expert_embed, gain=0.32)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32: the cosine between each token's projection and each expert embedding, in [-1, 1]."""
         h = F.normalize(F.linear(x.float(), self.proj.weight.float()), dim=-1)
         e = F.normalize(self.expert_embed.float(), dim=-1)
-        return h @ e.t() / self.log_temperature.exp().clamp(min=0.01)
+        return h @ e.t()
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cosine(x) / self.temperature()
+
+
+def cluster_probabilities(probs: torch.Tensor, cluster_size: int) -> torch.Tensor:
+    """[T, G]: q_tg, the probability of each cluster, the sum of its experts' probabilities (a dropped expert has
+    probability 0, so this is the sum over the cluster's survivors)."""
+    return probs.view(probs.shape[0], -1, cluster_size).sum(-1)
 
 
 class Routing(NamedTuple):
@@ -51,9 +64,12 @@ def route(
     cluster_size: int,
     survivors: Optional[torch.Tensor] = None,
     reroute: str = "cluster",
+    gate: str = "expert",
 ) -> Routing:
-    """Pick top_k experts per token; gates are the router probabilities (top-1) or renormalised over the
-    chosen pair (top-2, GShard).
+    """Pick top_k experts per token and weigh their outputs by ``gate`` (``MoEConfig.gate``): 'expert' = the
+    chosen experts' router probabilities, 'cluster' = the probabilities of their clusters, both renormalised over
+    the chosen pair for top-2 (GShard); 'sigmoid' (top-1) = sigmoid of the chosen expert's logit (the cosine
+    router's cosine / temperature: the official MoEC gate, whose layer adds (1 - gate) * x).
 
     Without dropout this is plain top-k. With cluster dropout (``survivors``: bool[E]) dropped experts are
     masked out of the softmax; a token's j-th preferred expert, if dropped, is replaced by the best surviving
@@ -75,6 +91,14 @@ def route(
         else:
             experts = _reroute_in_cluster(logits, preferred, cluster_size)
             gates = probs.gather(1, experts)
+    if gate == "cluster":
+        gates = cluster_probabilities(probs, cluster_size).gather(1, experts // cluster_size)
+    elif gate == "sigmoid":
+        if top_k != 1:
+            raise ValueError("the sigmoid gate is top-1 only")
+        gates = torch.sigmoid(logits.gather(1, experts))  # chosen experts survive: finite logits
+    elif gate != "expert":
+        raise ValueError(f"unknown gate {gate!r}")
     if top_k > 1:
         gates = gates / gates.sum(-1, keepdim=True)
     return Routing(logits, probs, experts, gates, rerouted)
