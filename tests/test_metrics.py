@@ -146,6 +146,11 @@ def test_criterion_logs_sample_size_weighted_means():
     assert float(log1["moe_enc1_load_cv"]) == pytest.approx(CV * 10, rel=1e-5)
     assert float(log1["moe_enc1_balance"]) == pytest.approx(BALANCE * 10, rel=1e-5)
     assert float(log2["moe_enc1_load_cv"]) == pytest.approx(math.sqrt(3) * 30, rel=1e-5)
+    # co-routing and its chance (eval: all 4 experts), the token loss's terms: logged for every cluster loss
+    assert float(log1["moe_enc1_co_routing"]) == pytest.approx(4 / 6 * 10, rel=1e-5)
+    assert float(log1["moe_enc1_co_routing_chance"]) == pytest.approx(1 / 3 * 10, rel=1e-5)
+    assert float(log1["moe_enc1_mate_concentration"]) == pytest.approx(CONCENTRATION * 10, rel=1e-5)
+    assert float(log1["moe_enc1_cluster_impurity"]) == pytest.approx(IMPURITY * 10, rel=1e-5)
     # CE of a uniform prediction over 8 classes: ln 8 per token; the MoE part is sample_size * weighted losses
     moe1 = 0.01 * BALANCE + 0.1 * INTRA
     assert float(log1["loss"]) == pytest.approx(10 * math.log(8), rel=1e-5)

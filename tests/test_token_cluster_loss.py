@@ -265,27 +265,37 @@ def test_sigmoid_gate_output_by_hand():
 
 
 def test_loss_temperature_probabilities_by_hand():
-    """Balance and cluster losses see softmax(cosine / 0.07); routing and gate the learned temperature (0.5)."""
+    """Balance and cluster losses see softmax(cosine / 0.07); routing and gate the learned temperature (0.5).
+    Tokens (3, 4), (1, 0), (0, 1): cosines (0.6, 0.8), (1, 0), (0, 1); experts 1, 0, 1: f = (1/3, 2/3)."""
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    cosines = [(0.6, 0.8), (1.0, 0.0), (0.0, 1.0)]
+
+    def balance(temperature):  # E * sum_e f_e P_e, P = mean of softmax(cosine / temperature)
+        rows = [[math.exp(c / temperature) for c in row] for row in cosines]
+        P = [sum(row[e] / sum(row) for row in rows) / 3 for e in (0, 1)]
+        return 2 * (P[0] / 3 + 2 * P[1] / 3)
+
     layer = official_layer(moe_loss_temperature=OFFICIAL_LOSS_TEMPERATURE).train()
-    x = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=torch.float64)
-    layer(x)
-
-    def softmax(v):
-        z = [math.exp(u) for u in v]
-        return [u / sum(z) for u in z]
-
-    P = [(a + b) / 2 for a, b in zip(softmax([0.6 / 0.07, 0.8 / 0.07]), softmax([1 / 0.07, 0]))]
-    # one token on each expert: f = (1/2, 1/2), balance = E * sum f P = 2 * (P0 + P1) / 2 = 1
-    assert float(layer.last_losses["balance"].detach()) == pytest.approx(2 * 0.5 * (P[0] + P[1]))
-    # z-loss on the router's logits cosine / 0.5
-    z = [math.log(math.exp(0.6 / 0.5) + math.exp(0.8 / 0.5)), math.log(math.exp(2.0) + 1)]
-    assert float(layer.last_losses["z"].detach()) == pytest.approx((z[0] ** 2 + z[1] ** 2) / 2)
-    # without the option the same layer's losses see softmax(cosine / 0.5)
+    out = layer(x)
+    assert float(layer.last_losses["balance"].detach()) == pytest.approx(balance(0.07))
+    assert balance(0.07) != pytest.approx(balance(0.5), rel=1e-3)  # the case tells the temperatures apart
+    # the z-loss stays on the router's logits, cosine / 0.5
+    z = [math.log(math.exp(a / 0.5) + math.exp(b / 0.5)) ** 2 for a, b in cosines]
+    assert float(layer.last_losses["z"].detach()) == pytest.approx(sum(z) / 3)
+    # without the option the same layer's losses see softmax(cosine / 0.5), and the output is the same
     plain = official_layer().train()
-    plain(x)
-    P = [(a + b) / 2 for a, b in zip(softmax([0.6 / 0.5, 0.8 / 0.5]), softmax([2.0, 0]))]
-    assert float(plain.last_losses["balance"].detach()) == pytest.approx(2 * 0.5 * (P[0] + P[1]))
-    assert torch.equal(plain(x), layer(x))  # the loss temperature does not touch the output
+    assert torch.equal(plain(x), out)
+    assert float(plain.last_losses["balance"].detach()) == pytest.approx(balance(0.5))
+
+
+def test_sigmoid_gate_over_capacity_outputs_zero():
+    """A token over its expert's capacity skips the layer with every gate: output 0, not (1 - a) x."""
+    layer = official_layer(moe_capacity_factor=0.5).train()  # ceil(0.5 * 3 / 2) = 1 slot per expert
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    out = layer(x)
+    assert out[2].tolist() == [0.0, 0.0]  # the second token of expert 1
+    a = 1 / (1 + math.exp(-1.6))
+    assert out[0].tolist() == pytest.approx([7 * a + 3 * (1 - a), 8 * a + 4 * (1 - a)], rel=1e-6)
 
 
 def test_loss_temperature_with_dropout_and_clusters():

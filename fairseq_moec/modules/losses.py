@@ -111,7 +111,7 @@ def token_cluster_terms(
     n = w.sum(1)  # m'_g
     q = cluster_probabilities(probs, E // G)  # [T, G]
     squared = ((p * n[:, None] - q[..., None]) * w).pow(2).sum(-1)
-    per_cluster = squared / (q.clamp(min=EPS) * n * (n - 1).clamp(min=1)) * (n > 1).to(p.dtype)
+    per_cluster = squared / (q.clamp(min=EPS) * n * (n - 1).clamp(min=1))  # one survivor: p = q, adds 0
     concentration = token_mean(per_cluster.sum(-1), real)
     if G == 1:  # one cluster: the token is always sure of it
         return concentration, concentration.new_zeros(())
