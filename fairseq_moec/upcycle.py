@@ -101,7 +101,9 @@ def dense_model_args(path: str, state: dict) -> argparse.Namespace:
         raise ConfigError(
             f"{path}: trained for the task {task}, not a translation model: upcycle takes the tasks {', '.join(TASKS)}"
         )
-    return copy.deepcopy(model)
+    model = copy.deepcopy(model)
+    model.arch = arch  # a hydra config names it in _name only
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ the MoEC model
@@ -343,9 +345,10 @@ def summary(dense: str, output: str, args: argparse.Namespace) -> str:
     train = ["fairseq-train", "DATA", "--user-dir", os.path.dirname(os.path.abspath(__file__))]
     train += ["--task", "translation_moec", "--criterion", "moec_label_smoothed_cross_entropy"]
     train += training_flags(args) + ["--restore-file", output] + RESETS
+    clusters = f"{moe.moe_clusters} cluster{'s' * (moe.moe_clusters != 1)}"
     return (
-        f"wrote {output}: {dense} upcycled to {MOEC_ARCH} with {moe.moe_expert_count} experts in "
-        f"{moe.moe_clusters} clusters (top-{moe.moe_top_k}) at encoder layers {enc} and decoder layers {dec}\n"
+        f"wrote {output}: {dense} upcycled to {MOEC_ARCH} with {moe.moe_expert_count} experts in {clusters} "
+        f"(top-{moe.moe_top_k}) at encoder layers {enc} and decoder layers {dec}\n"
         f"fine-tune it with (add your data, criterion, optimizer and schedule options):\n{shlex.join(train)}"
     )
 

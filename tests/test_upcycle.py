@@ -4,6 +4,7 @@ translations and the FFN output by hand; then fine-tuned with fairseq-train, tra
 the hub interface; and every bad input refused with one line."""
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -16,6 +17,8 @@ from conftest import PLUGIN, cli, run
 from fairseq import checkpoint_utils
 
 from fairseq_moec import upcycle
+from fairseq_moec.models.moec_transformer import MoECTransformerModel
+from fairseq_moec.modules.config import MoEConfig
 from fairseq_moec.pipeline import small_model
 
 pytestmark = pytest.mark.slow
@@ -49,12 +52,11 @@ def moe_options(**given):
 
 @pytest.fixture(scope="module")
 def upcycled(dense, tmp_path_factory):
-    """name -> upcycled checkpoint: top-2 and top-1 with the default (random) router, top-1 with a zero router."""
+    """name -> upcycled checkpoint: top-2 and top-1, with the default (random) router."""
     out = tmp_path_factory.mktemp("upcycled")
     settings = {
         "top2": (moe_options(moe_top_k=2), "random"),
         "top1": (moe_options(), "random"),
-        "top1-zeros": (moe_options(), "zeros"),
     }
     for name, (options, router_init) in settings.items():
         upcycle.upcycle(str(dense[0]), str(out / f"{name}.pt"), options, router_init)
@@ -126,23 +128,60 @@ def dense_ffn(layer, x):
     return layer.fc2(torch.relu(layer.fc1(x)))
 
 
-@pytest.mark.parametrize("router_init", ["zeros", "random"])
-def test_top1_output_is_the_router_probability_times_the_dense_ffn(dense, upcycled, router_init):
-    """Top-1 with the router probability as gate: out(x) = p(x) FFN(x), p(x) the largest router probability
-    (softmax of W_r x, computed here from the saved router); with a zero router p = 1/E for every token."""
+def router_logits(router, x):
+    """The logits of a router, from its saved parameters: W_r x (linear), cosine / temperature (cosine)."""
+    if hasattr(router, "proj"):
+        h = torch.nn.functional.normalize(x @ router.proj.weight.t(), dim=-1)
+        e = torch.nn.functional.normalize(router.expert_embed, dim=-1)
+        return h @ e.t() / router.log_temperature.exp().clamp(min=0.01)
+    return x @ router.weight.t()
+
+
+def by_hand(gate, top_k, x, ffn, logits):
+    """What a MoE layer of identical copies of the dense FFN computes (eval mode): gate(x) * FFN(x)."""
+    if top_k == 2:  # two identical experts, gates renormalised over the pair
+        return ffn
+    p = logits.softmax(-1)
+    top = p.argmax(-1, keepdim=True)  # with ties any expert: they are all the same
+    if gate == "expert":  # the top expert's probability
+        return p.gather(1, top) * ffn
+    if gate == "cluster":  # the probability of its cluster
+        return p.view(len(p), G, E // G).sum(-1).gather(1, top // (E // G)) * ffn
+    a = torch.sigmoid(logits.gather(1, top))  # the official code's gate, and its layer adds (1 - a) x
+    return a * ffn + (1 - a) * x
+
+
+GATE_SETTINGS = [  # (--moe-gate, --moe-top-k, --moe-router, --router-init)
+    ("expert", 1, "linear", "zeros"),
+    ("expert", 1, "linear", "random"),
+    ("expert", 2, "linear", "random"),
+    ("cluster", 1, "linear", "zeros"),
+    ("cluster", 1, "linear", "random"),
+    ("cluster", 2, "linear", "random"),
+    ("sigmoid", 1, "cosine", "random"),
+]
+
+
+@pytest.mark.parametrize("gate, top_k, router, router_init", GATE_SETTINGS)
+def test_the_moe_ffn_is_the_gate_times_the_dense_ffn(dense, tmp_path, gate, top_k, router, router_init):
+    """Where fine-tuning starts, per gate, against the dense model's own FFN and the saved router by hand; with a
+    zero router the top-1 gates are 1/E (expert) and 1/G (cluster) for every token."""
+    has_gate_option = "moe_gate" in {f.name for f in dataclasses.fields(MoEConfig)}
+    if gate != "expert" and not has_gate_option:
+        pytest.skip("no --moe-gate option in this version")
+    options = moe_options(moe_top_k=top_k, moe_router=router, **({"moe_gate": gate} if has_gate_option else {}))
+    upcycle.upcycle(str(dense[0]), str(tmp_path / "up.pt"), options, router_init)
     dense_model, _ = load(*dense)
-    moe_model, _ = load(upcycled["top1" if router_init == "random" else "top1-zeros"], dense[1])
+    moe_model, _ = load(tmp_path / "up.pt", dense[1])
     x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
     for dense_layer, moe in zip((dense_model.encoder.layers[1], dense_model.decoder.layers[1]), moe_layers(moe_model)):
         with torch.no_grad():
-            p = torch.softmax(x @ moe.router.weight.t(), -1).max(-1).values
-            want = dense_ffn(dense_layer, x)
-            got = moe(x)
+            ffn, logits, got = dense_ffn(dense_layer, x), router_logits(moe.router, x), moe(x)
+        torch.testing.assert_close(got, by_hand(gate, top_k, x, ffn, logits), atol=1e-6, rtol=1e-5)
         if router_init == "zeros":
-            assert torch.equal(p, torch.full_like(p, 1 / E))
-        else:
-            assert p.min() > 1 / E and p.std() > 0.01  # a token-dependent gate
-        torch.testing.assert_close(got, p[:, None] * want, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got, ffn / (E if gate == "expert" else G), atol=1e-6, rtol=1e-5)
+        elif top_k == 1 and gate != "sigmoid":  # a token-dependent gate: not one scale for all tokens
+            assert (got.norm(dim=-1) / ffn.norm(dim=-1)).std() > 0.01
 
 
 def test_expert_noise_is_relative_seeded_and_on_the_weights_only(dense, tmp_path):
@@ -188,6 +227,11 @@ def test_round_trip_through_fairseq_train_and_generate(dense, capsys, tmp_path):
     assert f"Loaded checkpoint {out} (epoch 1 @ 0 updates)" in proc.stderr + proc.stdout
     state = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)
     assert state["optimizer_history"][-1]["num_updates"] == 2
+    options = argparse.ArgumentParser()
+    MoECTransformerModel.add_args(options)
+    want, got = torch.load(out, weights_only=True)["cfg"]["model"], state["cfg"]["model"]
+    for dest in {a.dest for a in options._actions} - {"help"}:  # the model that OUT.pt's config builds
+        assert str(getattr(got, dest, None)) == str(getattr(want, dest, None)), dest  # argparse: '64' for 64
     for side in ("encoder", "decoder"):
         w = state["model"][f"{side}.layers.1.fc1.moe.experts.fc1.0.weight"]
         assert any(not torch.equal(w[0], w[e]) for e in range(1, E)), side
