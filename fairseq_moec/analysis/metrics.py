@@ -45,9 +45,7 @@ def cluster_loads(counts: torch.Tensor, num_clusters: int) -> torch.Tensor:
 def same_cluster_top2(probs: torch.Tensor, num_clusters: int) -> torch.Tensor:
     """bool [T]: the two most probable experts of each token (top-2 of ``probs``, whatever k the model routes
     with) are in the same cluster."""
-    top2 = probs.topk(2, dim=-1).indices
-    c = top2 // (probs.shape[1] // num_clusters)
-    return c[:, 0] == c[:, 1]
+    return losses.same_cluster_top2(probs, probs.shape[1] // num_clusters)
 
 
 def co_routing_rate(probs: torch.Tensor, num_clusters: int) -> Optional[float]:
@@ -59,11 +57,9 @@ def co_routing_rate(probs: torch.Tensor, num_clusters: int) -> Optional[float]:
 
 def chance_co_routing(num_experts: int, num_clusters: int) -> Optional[float]:
     """Co-routing rate of a random pair of distinct experts: (m - 1) / (E - 1), m = E / G. A router that ignores
-    the clusters sits here; one whose clusters group experts that serve the same tokens sits above it."""
-    if num_experts < 2:
-        return None
-    m = num_experts // num_clusters
-    return (m - 1) / (num_experts - 1)
+    the clusters sits here; one whose clusters group experts that serve the same tokens sits above it. All experts
+    (the analysis runs in eval): the training logs' ``losses.co_routing_chance`` over the survivors, at E' = E."""
+    return losses.co_routing_chance(num_experts, num_experts // num_clusters)
 
 
 def cluster_mass_variances(mean_probs: torch.Tensor, num_clusters: int) -> Tuple[float, float]:
