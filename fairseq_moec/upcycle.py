@@ -148,10 +148,16 @@ def _placeholder_dictionary(size: int):
     return d
 
 
-def build_moec_model(args: argparse.Namespace, dense: Dict[str, torch.Tensor], seed: int):
+def build_moec_model(args: argparse.Namespace, dense: Dict[str, torch.Tensor], path: str, seed: int):
     """fairseq's build of the moec_transformer model (as when OUT.pt is loaded), its random initialisation seeded."""
-    src = _placeholder_dictionary(dense["encoder.embed_tokens.weight"].shape[0])
-    tgt = src if args.share_all_embeddings else _placeholder_dictionary(dense["decoder.embed_tokens.weight"].shape[0])
+    sizes = {}
+    for side in ("encoder", "decoder"):
+        embedding = dense.get(f"{side}.embed_tokens.weight")
+        if embedding is None:
+            raise ConfigError(f"{path}: has no {side}.embed_tokens.weight: not a translation transformer's weights")
+        sizes[side] = embedding.shape[0]
+    src = _placeholder_dictionary(sizes["encoder"])
+    tgt = src if args.share_all_embeddings else _placeholder_dictionary(sizes["decoder"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return models.build_model(args, SimpleNamespace(source_dictionary=src, target_dictionary=tgt))
@@ -285,7 +291,12 @@ def upcycle(
     expert_noise: float = 0.0,
     seed: int = 1,
 ) -> argparse.Namespace:
-    """Write the upcycled checkpoint of ``dense_path`` to ``output``; return its model options."""
+    """Write the upcycled checkpoint of ``dense_path`` to ``output``; return its model options. ``moe_options``:
+    MoE model options by field name (MoEPlacement, MoEConfig); None or absent = the option's default."""
+    known = {f.name for dc in (MoEPlacement, MoEConfig) for f in dataclasses.fields(dc)}
+    unknown = sorted(set(moe_options or {}) - known)
+    if unknown:
+        raise ValueError(f"not MoE model options: {', '.join(unknown)}")
     if os.path.lexists(output):
         raise ConfigError(exists_message(output))
     if router_init not in ROUTER_INITS:
@@ -295,7 +306,7 @@ def upcycle(
     state = read_dense_checkpoint(dense_path)
     dense_args = dense_model_args(dense_path, state)
     args = moec_model_args(dense_args, moe_options or {}, router_init)
-    model = build_moec_model(args, state["model"], seed)
+    model = build_moec_model(args, state["model"], dense_path, seed)
     weights = upcycled_state_dict(model, state["model"], dense_path, router_init, expert_noise, seed)
     provenance = {
         "checkpoint": os.path.abspath(dense_path),
@@ -361,7 +372,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         args = upcycle(
             opts.dense,
             opts.output,
-            {n: getattr(opts, n) for n in names},
+            {name: getattr(opts, name) for name in names},
             opts.router_init,
             opts.expert_noise,
             opts.seed,

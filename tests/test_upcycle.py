@@ -77,6 +77,13 @@ def generate(checkpoint, data_bin, task):
     return {int(i): (tokens, float(score)) for i, score, tokens in found}
 
 
+def model_options(args):
+    """The moec_transformer options of a saved config, as strings (argparse gives '64' where a build wrote 64)."""
+    parser = argparse.ArgumentParser()
+    MoECTransformerModel.add_args(parser)
+    return {a.dest: str(getattr(args, a.dest, None)) for a in parser._actions if a.dest != "help"}
+
+
 def moe_layers(model):
     return [model.encoder.layers[1].fc1.moe, model.decoder.layers[1].fc1.moe]
 
@@ -204,6 +211,28 @@ def test_expert_noise_is_relative_seeded_and_on_the_weights_only(dense, tmp_path
             assert all(torch.equal(bias[e], dense_sd[f"{side}.layers.1.{fc}.bias"]) for e in range(E))
 
 
+@pytest.mark.parametrize("variant", ["hydra config", "fp16 weights"])
+def test_other_dense_checkpoints_upcycle_to_the_same_model(variant, dense, upcycled, tmp_path):
+    """A dense config saved as fairseq-hydra-train saves it (a dict naming the arch in _name only), and fp16
+    weights (--fp16 training): the same upcycled model, its weights in the dense checkpoint's dtype."""
+    state = torch.load(dense[0], weights_only=True)
+    if variant == "hydra config":
+        state["cfg"]["model"] = {k: v for k, v in vars(state["cfg"]["model"]).items() if k != "arch"}
+    else:
+        state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "dense.pt")
+    upcycle.upcycle(str(tmp_path / "dense.pt"), str(tmp_path / "up.pt"), moe_options())
+    got = torch.load(tmp_path / "up.pt", weights_only=True)
+    want = torch.load(upcycled["top1"], weights_only=True)
+    assert got["cfg"]["model"].arch == "moec_transformer"
+    assert model_options(got["cfg"]["model"]) == model_options(want["cfg"]["model"])
+    assert got["model"].keys() == want["model"].keys()
+    for key, value in want["model"].items():
+        if variant == "fp16 weights" and value.is_floating_point():
+            value = value.half()
+        assert torch.equal(got["model"][key], value), key
+
+
 # ------------------------------------------------------------------------------------------ through fairseq
 def test_round_trip_through_fairseq_train_and_generate(dense, capsys, tmp_path):
     """The command's printed fairseq-train flags rebuild the model: 2 updates from the upcycled checkpoint, which
@@ -227,11 +256,7 @@ def test_round_trip_through_fairseq_train_and_generate(dense, capsys, tmp_path):
     assert f"Loaded checkpoint {out} (epoch 1 @ 0 updates)" in proc.stderr + proc.stdout
     state = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)
     assert state["optimizer_history"][-1]["num_updates"] == 2
-    options = argparse.ArgumentParser()
-    MoECTransformerModel.add_args(options)
-    want, got = torch.load(out, weights_only=True)["cfg"]["model"], state["cfg"]["model"]
-    for dest in {a.dest for a in options._actions} - {"help"}:  # the model that OUT.pt's config builds
-        assert str(getattr(got, dest, None)) == str(getattr(want, dest, None)), dest  # argparse: '64' for 64
+    assert model_options(state["cfg"]["model"]) == model_options(torch.load(out, weights_only=True)["cfg"]["model"])
     for side in ("encoder", "decoder"):
         w = state["model"][f"{side}.layers.1.fc1.moe.experts.fc1.0.weight"]
         assert any(not torch.equal(w[0], w[e]) for e in range(1, E)), side
