@@ -334,8 +334,8 @@ def get_parser() -> argparse.ArgumentParser:
         default="random",
         help="'random' (default): the router a new moec_transformer model gets (linear: normal, std 1/sqrt(d)), "
         "whose token-dependent routing separates the copies as soon as training starts; 'zeros': every expert "
-        "gets probability 1/E for every token (a linear router only): a uniform start, but the experts stay tied "
-        "in the router (docs/method.md)",
+        "gets probability 1/E for every token (a linear router only): a uniform start, but the experts tie, so all "
+        "tokens first go to one expert (docs/method.md)",
     )
     p.add_argument(
         "--expert-noise",

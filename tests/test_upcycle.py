@@ -378,6 +378,16 @@ def test_an_existing_output_is_refused_and_kept(dense, capsys, tmp_path):
     assert out.read_text() == "keep me"
 
 
+def test_help_lists_every_moe_option(capsys):
+    with pytest.raises(SystemExit) as exit:
+        upcycle.cli_main(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(MoEConfig):
+        assert f"--{f.name.replace('_', '-')}" in out
+    assert "E % G == 0" in " ".join(out.split())  # help texts with a percent sign
+
+
 def test_the_command_prints_one_line_and_no_traceback(tmp_path):
     """The real `python -m` entry point, on a malicious pickle: one line on stderr, exit status 2, nothing run."""
     path = tmp_path / "evil.pt"

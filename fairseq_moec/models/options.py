@@ -37,7 +37,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, *dataclass_types) -> Non
             tp = hints[f.name]
             if typing.get_origin(tp) is typing.Union:  # Optional[X]
                 tp = next(a for a in typing.get_args(tp) if a is not type(None))
-            help_ = f"{f.metadata['help']} (default: {f.default})"
+            help_ = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
             parser.add_argument(
                 "--" + f.name.replace("_", "-"),
                 type=tp,
