@@ -126,11 +126,25 @@ def test_layer_placement():
         (["--moe-every", "2", "--moe-decoder-layers", "1"], "--moe-every"),
         (["--moe-encoder-layers", "", "--moe-decoder-layers", ""], "no layer is a MoE layer"),
         (["--moe-every", "1", "--moe-expert-count", "6", "--moe-clusters", "4"], "--moe-clusters"),
+        (["--moe-every", "1", "--moe-loss-temperature", "0.07"], "--moe-loss-temperature: needs --moe-router cosine"),
     ],
 )
 def test_invalid_placement_and_options_fail_at_build(extra, flag):
     with pytest.raises(ValueError, match=flag):
         build("moec_transformer", extra)
+
+
+def test_official_recipe_and_token_loss_flags_reach_the_layers():
+    official = ["--moe-router", "cosine", "--moe-gate", "sigmoid", "--moe-loss-temperature", "0.07"]
+    model, _ = build("moec_transformer_tiny", [*official, "--moe-clusters", "2", "--moe-cluster-loss-norm", "official"])
+    cfgs = [layer.cfg for _, layer in model.moe_layers()]
+    assert cfgs and all(
+        (c.gate, c.moe_loss_temperature, c.moe_cluster_loss_norm) == ("sigmoid", 0.07, "official") for c in cfgs
+    )
+    model, _ = build("moec_transformer_tiny", ["--moe-clusters", "2", "--moe-cluster-loss", "token"])
+    assert all(layer.cfg.gate == "cluster" for _, layer in model.moe_layers())
+    model, _ = build("moec_transformer_tiny", ["--moe-clusters", "2"])  # the defaults: today's gate
+    assert all((layer.cfg.moe_gate, layer.cfg.gate) == ("auto", "expert") for _, layer in model.moe_layers())
 
 
 @pytest.mark.parametrize(
@@ -139,6 +153,7 @@ def test_invalid_placement_and_options_fail_at_build(extra, flag):
         (["--moe-expert-count", "8", "--moe-clusters", "3"], "--moe-clusters: must be >= 1 and divide"),
         (["--cluster-dropout", "1.2"], "--cluster-dropout: must be in [0, 1)"),
         (["--moe-router", "hash"], "invalid choice: 'hash'"),
+        (["--moe-gate", "sigmoid"], "--moe-gate: sigmoid (the official code's gate) needs --moe-router cosine"),
     ],
 )
 def test_cli_refuses_bad_flags_before_training(tiny_corpus, tmp_path, extra, message):
