@@ -360,7 +360,9 @@ def summary(dense: str, output: str, args: argparse.Namespace) -> str:
     return (
         f"wrote {output}: {dense} upcycled to {MOEC_ARCH} with {moe.moe_expert_count} experts in {clusters} "
         f"(top-{moe.moe_top_k}) at encoder layers {enc} and decoder layers {dec}\n"
-        f"fine-tune it with (add your data, criterion, optimizer and schedule options):\n{shlex.join(train)}"
+        f"fine-tune it with (add your data, criterion, optimizer and schedule options):\n{shlex.join(train)}\n"
+        f"(run again after an interruption, this restarts from {output}: to resume instead, give "
+        f"--finetune-from-model {shlex.quote(output)} in place of --restore-file and the resets)"
     )
 
 

@@ -243,7 +243,7 @@ def test_round_trip_through_fairseq_train_and_generate(dense, capsys, tmp_path):
     argv = [str(checkpoint), str(out), "--moe-expert-count", str(E), "--moe-clusters", str(G)]
     assert upcycle.cli_main(argv + ["--moe-encoder-layers", "1", "--moe-decoder-layers", "1"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    command = shlex.split(printed[-1])
+    command = shlex.split(printed[-2])
     assert command[:2] == ["fairseq-train", "DATA"] and command[-6:] == ["--restore-file", str(out), *upcycle.RESETS]
     save_dir = tmp_path / "finetuned"
     proc = run(
