@@ -54,13 +54,9 @@ def moe_options(**given):
 def upcycled(dense, tmp_path_factory):
     """name -> upcycled checkpoint: top-2 and top-1, with the default (random) router."""
     out = tmp_path_factory.mktemp("upcycled")
-    settings = {
-        "top2": (moe_options(moe_top_k=2), "random"),
-        "top1": (moe_options(), "random"),
-    }
-    for name, (options, router_init) in settings.items():
-        upcycle.upcycle(str(dense[0]), str(out / f"{name}.pt"), options, router_init)
-    return {name: out / f"{name}.pt" for name in settings}
+    for name, top_k in (("top2", 2), ("top1", 1)):
+        upcycle.upcycle(str(dense[0]), str(out / f"{name}.pt"), moe_options(moe_top_k=top_k))
+    return {name: out / f"{name}.pt" for name in ("top2", "top1")}
 
 
 def load(checkpoint, data_bin):
