@@ -140,10 +140,12 @@ def local_view(model: torch.nn.Module, state_dict: dict) -> dict:
         # every MoE layer saves its cluster-dropout mask over all of its experts, however many processes wrote it
         saved = state_dict.get(f"{name}.cluster_dropout.survivors") if isinstance(module, MoELayer) else None
         if saved is not None and saved.shape[0] != module.cfg.moe_expert_count:
+            # the form of input_checks.refuse_other_model_options, which compares the saved options when a file
+            # is read: this is for a state dict without them
             raise ConfigError(
-                f"--moe-expert-count: the checkpoint has {saved.shape[0]} experts in each MoE layer, this run "
-                f"{module.cfg.moe_expert_count}. Continue it with --moe-expert-count {saved.shape[0]}, or train the "
-                f"new model in another --save-dir"
+                f"--moe-expert-count: checkpoint {saved.shape[0]}, given {module.cfg.moe_expert_count} (experts in "
+                f"each MoE layer). Continue it with --moe-expert-count {saved.shape[0]}, or train the new model in "
+                f"another --save-dir"
             )
     out = None
     for key, (p, E, local) in expert_parameters(model).items():

@@ -59,21 +59,39 @@ def _replace(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_then_replace(tmp: str, path: str, write) -> None:
+    try:
+        write()
+    except BaseException:  # a full disk, an interrupt: no partial file stays behind (the old ``path`` is untouched)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _replace(tmp, path)
+
+
 def atomic_save(obj, path: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace(tmp, path)
+
+    def write():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _write_then_replace(tmp, path, write)
 
 
 def atomic_copy(src: str, dst: str) -> None:
     tmp = dst + ".tmp"
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    _replace(tmp, dst)
+
+    def write():
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+    _write_then_replace(tmp, dst, write)
 
 
 def load(path: str, mmap: bool = False) -> dict:

@@ -21,13 +21,14 @@ import sys
 import uuid
 
 import fairseq_moec  # noqa: F401  (lets fairseq checkpoints load under torch's weights_only unpickler)
+from fairseq_moec import input_checks
 from fairseq_moec import sharded_checkpoint as sc
 
 LAYOUT = "moe_expert_layout"  # kept in merged files: what resharding needs (expert keys, optimizer order)
 
 
 def merged(path: str) -> dict:
-    main = sc.load(path)
+    main = input_checks.load_checkpoint_file(path, sc.load)  # an unreadable file: one line (ConfigError)
     meta = main.get("extra_state", {}).get(sc.META)
     if meta is None:
         return main  # already one file with every expert

@@ -1,6 +1,7 @@
 """A checkpoint loaded by a model of another --moe-expert-count is refused with what is true: the checkpoint's
 expert count and the flag's (not a claim about expert-parallel processes); a real expert-parallel main file
-still gets the consolidation advice."""
+still gets the consolidation advice. From a file, fairseq-train compares the saved options first (the general
+check of tests/test_reliability.py) and names the count in the same form."""
 
 import shutil
 
@@ -27,7 +28,7 @@ def test_another_expert_count_names_both_counts(saved, asked):
     with pytest.raises(ConfigError) as error:
         model_with(asked).load_state_dict(state)
     assert str(error.value).startswith(
-        f"--moe-expert-count: the checkpoint has {saved} experts in each MoE layer, this run {asked}. "
+        f"--moe-expert-count: checkpoint {saved}, given {asked} (experts in each MoE layer). "
         f"Continue it with --moe-expert-count {saved}"
     )
     assert "processes" not in str(error.value)
@@ -36,7 +37,7 @@ def test_another_expert_count_names_both_counts(saved, asked):
 def test_a_sharded_checkpoint_of_another_expert_count_names_both_counts():
     shard = main_file_of_two_processes(model_with(4).state_dict())  # expert tensors of 2: like an E=2 model's
     for asked in (2, 8):
-        with pytest.raises(ConfigError, match=f"the checkpoint has 4 experts in each MoE layer, this run {asked}"):
+        with pytest.raises(ConfigError, match=rf"--moe-expert-count: checkpoint 4, given {asked} \(experts in each"):
             model_with(asked).load_state_dict(shard)
 
 
@@ -58,5 +59,5 @@ def test_resuming_with_another_expert_count_stops_before_training(tiny_moec_chec
     args[args.index("--moe-expert-count") + 1] = "8"
     proc = run([cli("fairseq-train"), data_bin, *args, "--max-update", "6", "--save-dir", tmp_path], check=False)
     assert proc.returncode != 0
-    assert "--moe-expert-count: the checkpoint has 4 experts in each MoE layer, this run 8" in proc.stderr
+    assert "other model options than this run's: --moe-expert-count: checkpoint 4, given 8. " in proc.stderr
     assert "written by" not in proc.stderr and "train_inner" not in proc.stdout + proc.stderr

@@ -336,9 +336,10 @@ def test_atomic_checkpoint_copy_keeps_checkpoint_last_when_the_copy_is_cut_short
         atomic_checkpoint_copy.fairseq_copy(str(src), str(last), overwrite=True)
     assert last.read_bytes() == src.read_bytes()[:1500]  # neither the old nor the new checkpoint
     last.write_bytes(b"old checkpoint")
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match=rf"^{last}: could not be written \(\[Errno 28\] No space left on device;"):
         file_io.PathManager.copy(str(src), str(last), overwrite=True)
     assert last.read_bytes() == b"old checkpoint"
+    assert sorted(os.listdir(tmp_path)) == sorted([last.name, src.name])  # the partial copy is removed
 
 
 # ---------------------------------------------------------------------------------- expert_parallel_trainer

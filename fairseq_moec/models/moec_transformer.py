@@ -14,6 +14,7 @@ from fairseq.models.transformer.transformer_legacy import (
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 from ..expert_parallel import expert_parallel_for, local_view, prepare_for_expert_parallel
+from ..input_checks import parameters_do_not_fit
 from ..modules import MoEConfig, MoELayer
 from .options import MoEPlacement, add_dataclass_args, fill_defaults, moe_layer_indices, validate
 
@@ -135,7 +136,13 @@ class MoECTransformerModel(TransformerModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         # a checkpoint with all experts loads into an expert-parallel model (each process takes its own), and
         # one shard of an expert-parallel checkpoint is refused with a clear message
-        return super().load_state_dict(local_view(self, state_dict), strict, model_cfg, args)
+        state_dict = local_view(self, state_dict)
+        try:
+            return super().load_state_dict(state_dict, strict, model_cfg, args)
+        except RuntimeError as e:  # torch's list of keys and shapes: the options were compared when read, so
+            if not str(e).startswith("Error(s) in loading state_dict"):  # most often another dictionary
+                raise
+            raise parameters_do_not_fit(self.state_dict(), state_dict) from e
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

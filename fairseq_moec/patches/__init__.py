@@ -14,6 +14,7 @@ from . import (
     checkpoint_allowlist,
     empty_data,
     expert_parallel_trainer,
+    failed_checkpoint_save,
     first_epoch_batches,
     fresh_start,
     hydra_legacy_arch,
@@ -39,6 +40,7 @@ PATCHES = (
     empty_data,
     one_line_errors,  # how those refusals are printed
     atomic_checkpoint_copy,  # checkpoint writing
+    failed_checkpoint_save,
     expert_parallel_trainer,
     log_file_once,  # --log-file
 )

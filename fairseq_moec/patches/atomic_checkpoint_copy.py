@@ -5,14 +5,16 @@ checkpoint file of a save (e.g. checkpoint_3_600.pt) atomically, then copies it 
 checkpoint_best.pt with ``fairseq.file_io.PathManager.copy``, which is ``shutil.copyfile`` into the destination
 itself: a run killed (or a disk that fills up) during that copy leaves a truncated checkpoint_last.pt, and the old
 one is lost. We copy to a temporary file next to the destination and rename it over the destination
-(sharded_checkpoint.atomic_copy). Copies through iopath's PathManager (remote storage) are left to it.
+(sharded_checkpoint.atomic_copy). Copies through iopath's PathManager (remote storage) are left to it. A copy
+that fails (a full disk) removes its temporary file and ends the run with one line that names the file and the
+last good checkpoint (input_checks.checkpoint_not_written), as a failed write does (failed_checkpoint_save.py).
 """
 
 import os
 
 from fairseq import file_io
 
-from .. import sharded_checkpoint
+from .. import input_checks, sharded_checkpoint
 from .target import Patch
 
 PATCH = Patch("atomic_checkpoint_copy", "a run killed while fairseq copies checkpoint_last.pt loses it")
@@ -23,7 +25,13 @@ fairseq_copy = None  # fairseq's PathManager.copy, kept by apply()
 def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
     if file_io.IOPathManager or not overwrite and os.path.exists(dst_path):
         return fairseq_copy(src_path, dst_path, overwrite)
-    sharded_checkpoint.atomic_copy(src_path, dst_path)
+    try:
+        sharded_checkpoint.atomic_copy(src_path, dst_path)
+    except Exception as e:
+        error = input_checks.checkpoint_not_written(dst_path, e)
+        if error is None:
+            raise
+        raise error from e
     return True
 
 

@@ -4,6 +4,11 @@ Upstream behaviour (fairseq-fixed 0.12.3.1): ``fairseq.checkpoint_utils.load_che
 SAVE_DIR/checkpoint_last.pt (or --restore-file); when that file is missing it starts from scratch, in the same
 directory, and the first validation overwrites checkpoint_best.pt with a worse model. We run
 input_checks.refuse_start_from_scratch first, which says how to resume instead.
+
+The checkpoint it then loads (to resume, or --restore-file, --finetune-from-model) is read with the run's model
+options at hand (input_checks.loading_to_train), so that one trained with other options is refused with their
+names before fairseq fails to load its weights (the check is in patches/unreadable_checkpoint.py, where fairseq
+reads the file).
 """
 
 from fairseq import checkpoint_utils
@@ -22,7 +27,8 @@ fairseq_load_checkpoint = None  # fairseq's function, kept by apply()
 def load_checkpoint_refusing_a_fresh_start(cfg, trainer, **passthrough_args):
     # every expert-parallel process checks the main file's name (process r > 0 has a shard suffix)
     input_checks.refuse_start_from_scratch(cfg, main_suffix(trainer.checkpoint_suffix))
-    return fairseq_load_checkpoint(cfg, trainer, **passthrough_args)
+    with input_checks.loading_to_train(getattr(getattr(trainer, "cfg", None), "model", None)):
+        return fairseq_load_checkpoint(cfg, trainer, **passthrough_args)
 
 
 def installed() -> bool:

@@ -86,12 +86,15 @@ def find_checkpoints(directory: str, last: int, by: str) -> List[str]:
 def load_state(path: str):
     import torch
 
+    from fairseq_moec.input_checks import load_checkpoint_file
+    from fairseq_moec.modules.config import ConfigError
+
     if not os.path.isfile(path):
         die(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu")
-    except Exception as e:  # a truncated file, or a pickled global the allowlist refuses
-        die(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    try:  # the plugin's line for an unreadable file (truncated, corrupt, a pickled global the allowlist refuses)
+        return load_checkpoint_file(path, lambda p: torch.load(p, map_location="cpu"))
+    except ConfigError as e:
+        die(str(e))
 
 
 def average(paths: List[str]):
