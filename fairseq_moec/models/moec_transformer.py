@@ -139,8 +139,10 @@ class MoECTransformerModel(TransformerModel):
         state_dict = local_view(self, state_dict)
         try:
             return super().load_state_dict(state_dict, strict, model_cfg, args)
-        except RuntimeError as e:  # torch's list of keys and shapes: the options were compared when read, so
-            if not str(e).startswith("Error(s) in loading state_dict"):  # most often another dictionary
+        except RuntimeError as e:
+            # torch's list of keys and shapes. The options were compared when the file was read, so this is most
+            # often another dictionary (another data directory)
+            if not str(e).startswith("Error(s) in loading state_dict"):
                 raise
             raise parameters_do_not_fit(self.state_dict(), state_dict) from e
 
