@@ -6,7 +6,9 @@ models: none of them changes a parameter. Another dictionary is named too."""
 
 import argparse
 import dataclasses
+import re
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -81,6 +83,13 @@ def test_the_options_that_may_change_on_resume_change_no_parameter():
         assert getattr(given, name) != getattr(base, name), name
         assert shapes(given) == reference, name
         assert input_checks.model_option_differences(base, given) == [], name
+
+
+def test_docs_list_the_options_that_may_change_on_resume():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    listed = text[text.index("**These may change on resume**") : text.index("input_checks.MAY_CHANGE_ON_RESUME")]
+    documented = set(re.findall(r"`--([a-z-]+)`", listed))
+    assert documented == {name.replace("_", "-") for name in input_checks.MAY_CHANGE_ON_RESUME}
 
 
 SHAPING = {  # flags added to BASE: the differences named (the checkpoint has BASE's values)
