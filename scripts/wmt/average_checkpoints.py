@@ -47,7 +47,7 @@ def consolidate(path: str, state: dict) -> dict:
                 f"{path} was written by {world} expert-parallel processes, but the experts of process {r} "
                 f"({shard_file}) are missing: copy all of its *-expert-rank*.pt files along with it"
             )
-        shard = sc.load(shard_file)
+        shard = load_state(shard_file, sc.load)
         if shard.get(EXPERT_PARALLEL_META, {}).get("token") != token:
             die(
                 f"{shard_file} does not belong to {path} (written by another save): cannot average a "
@@ -83,7 +83,7 @@ def find_checkpoints(directory: str, last: int, by: str) -> List[str]:
     return chosen
 
 
-def load_state(path: str):
+def load_state(path: str, load=None):
     import torch
 
     from fairseq_moec.input_checks import load_checkpoint_file
@@ -92,7 +92,7 @@ def load_state(path: str):
     if not os.path.isfile(path):
         die(f"checkpoint not found: {path}")
     try:  # the plugin's line for an unreadable file (truncated, corrupt, a pickled global the allowlist refuses)
-        return load_checkpoint_file(path, lambda p: torch.load(p, map_location="cpu"))
+        return load_checkpoint_file(path, load or (lambda p: torch.load(p, map_location="cpu")))
     except ConfigError as e:
         die(str(e))
 
