@@ -160,7 +160,7 @@ def torch_load_error(path: str, error: BaseException) -> Optional[ConfigError]:
         return unreadable_checkpoint(path, "truncated (torch.load: EOFError)")
     detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|$)", text, re.S)  # below torch's advice
     detail = " ".join((detail.group(1) if detail else text.strip().split("\n")[0]).split())[:200]
-    kind = "" if type(error) is RuntimeError else f"{type(error).__name__}: "  # the zip reader's say what they are
+    kind = "" if type(error) is RuntimeError else f"{type(error).__name__}: "  # the zip reader names itself
     return unreadable_checkpoint(path, f"truncated or corrupt (torch.load: {kind}{detail})")
 
 
