@@ -310,7 +310,9 @@ echo "steps: ${TIMES[*]/%/;} total ${T_TOTAL}s"
 echo "model: $MODEL/checkpoints/$CKPT"
 echo "results: $MODEL/results.txt, $MODEL/results.json; translations: $HYP"
 echo "translate a sentence of your own:"
-printf '  echo %q | fairseq-interactive %q --user-dir %q --task translation_moec --source-lang %q --target-lang %q \\\n' \
-  "$(head -n 1 "$DIR/corpus/test.$SRC")" "$DIR/bin" "$ROOT/fairseq_moec" "$SRC" "$TGT"
+# the sentence in single quotes (readable; %q would escape every space), the paths with %q
+EXAMPLE=$(head -n 1 "$DIR/corpus/test.$SRC")
+printf "  echo '%s' | fairseq-interactive %q --user-dir %q --task translation_moec --source-lang %q --target-lang %q \\\\\n" \
+  "${EXAMPLE//\'/\'\\\'\'}" "$DIR/bin" "$ROOT/fairseq_moec" "$SRC" "$TGT"
 printf '      --path %q --bpe sentencepiece --sentencepiece-model %q --cpu --beam %q\n' \
   "$MODEL/checkpoints/$CKPT" "$DIR/spm/spm.model" "$BEAM"
