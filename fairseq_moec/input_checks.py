@@ -442,10 +442,11 @@ def parameters_do_not_fit(model_state: dict, checkpoint_state: dict) -> ConfigEr
 
 
 # ------------------------------------------------------------------------------------------- checkpoint writes
-def _os_error_in(error: BaseException) -> Optional[OSError]:
+def error_in_chain(error: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The first exception of type KIND that ERROR is or was raised from (``__cause__``/``__context__``), if any."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
@@ -456,7 +457,7 @@ def checkpoint_not_written(path: str, error: BaseException) -> Optional[ConfigEr
     """The error for a checkpoint write of ``path`` that failed with ``error`` for want of space (or another I/O
     error: torch's zip writer reports them as a RuntimeError), or None for an error of another kind. The caller
     has removed the partial file; the file being replaced, and every other, is as before the save."""
-    os_error = _os_error_in(error)
+    os_error = error_in_chain(error, OSError)
     writer = isinstance(error, RuntimeError) and re.search(r"PytorchStreamWriter|inline_container|iostream", str(error))
     if os_error is None and not writer:
         return None

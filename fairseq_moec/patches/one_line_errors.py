@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Optional
 
+from ..input_checks import error_in_chain
 from ..modules.config import ConfigError
 from .target import Patch
 
@@ -30,13 +31,7 @@ hydra_return_value = None
 
 def config_error_in(exc: Optional[BaseException]) -> Optional[ConfigError]:
     """The ConfigError that ``exc`` is or was raised from, if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ConfigError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return error_in_chain(exc, ConfigError)
 
 
 def report(error: ConfigError) -> None:
