@@ -22,7 +22,7 @@
 #   DEMO_SRC [es]  DEMO_TGT [en]   language codes: the corpus' file suffixes (letters, digits, '_')
 #   DEMO_DIR [work/demo for es-en, work/demo-SRC-TGT otherwise; relative to the project root]
 #   DEMO_BLEU_TOKENIZE [""]  a sacrebleu tokenizer for BLEU instead of the target language's default
-#   DEMO_UPDATES [900]  DEMO_LR [2e-3]  DEMO_WARMUP [150]  DEMO_SCHEDULE [linear: warmup, then linear decay to 0 at
+#   DEMO_UPDATES [1100]  DEMO_LR [2e-3]  DEMO_WARMUP [150]  DEMO_SCHEDULE [linear: warmup, then linear decay to 0 at
 #               DEMO_UPDATES | inverse_sqrt]  DEMO_DROPOUT [0.1]
 #   DEMO_MAX_TOKENS [6000]  DEMO_LAYERS [3]  DEMO_DIM [256]  DEMO_FFN [1024]  DEMO_HEADS [4]  DEMO_VOCAB [8000]
 #   DEMO_EXPERTS [8]  DEMO_CLUSTERS [2]  DEMO_CLUSTER_DROPOUT [0.5]  DEMO_DROPOUT_INTERVAL [the plugin's, 250]
@@ -57,7 +57,7 @@ CORPUS=${DEMO_CORPUS:-data/bible-es-en}
 if [ "$SRC-$TGT" = es-en ]; then D_DIR=work/demo; else D_DIR=work/demo-$SRC-$TGT; fi
 DIR=${DEMO_DIR:-$D_DIR}
 BLEU_TOKENIZE=${DEMO_BLEU_TOKENIZE:-}
-UPDATES=${DEMO_UPDATES:-900}
+UPDATES=${DEMO_UPDATES:-1100}
 LR=${DEMO_LR:-2e-3}
 WARMUP=${DEMO_WARMUP:-150}
 SCHEDULE=${DEMO_SCHEDULE:-linear}

@@ -283,7 +283,7 @@ def refused(r, *needles):
         ({"DEMO_DROPOUT": "1.5"}, "DEMO_DROPOUT must be a number in [0, 1)"),
         ({"DEMO_LR": "0"}, "DEMO_LR must be a positive number"),
         ({"DEMO_SCHEDULE": "cosine"}, "DEMO_SCHEDULE must be 'linear' (warmup, then linear decay to 0"),
-        ({"DEMO_WARMUP": "900"}, "DEMO_WARMUP=900 must be below DEMO_UPDATES=900 with DEMO_SCHEDULE=linear"),
+        ({"DEMO_WARMUP": "1100"}, "DEMO_WARMUP=1100 must be below DEMO_UPDATES=1100 with DEMO_SCHEDULE=linear"),
         ({"DEMO_WARMUP": "50", "DEMO_UPDATES": "20", "DEMO_SCHEDULE": "linear"}, "DEMO_WARMUP=50 must be below"),
         ({"DEMO_DROPOUT_INTERVAL": "0"}, "DEMO_DROPOUT_INTERVAL must be an integer >= 1"),
         ({"DEMO_PROFILE": "long"}, "DEMO_PROFILE was removed: the learning rate decays to 0 at DEMO_UPDATES"),
