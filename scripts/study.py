@@ -8,6 +8,7 @@ scale where the models translate. Equal updates for every run; one training proc
     python scripts/study.py --list                 # the plan and the state of every run
     python scripts/study.py --report-only          # rewrite results.md/json and the plots from what is on disk
     python scripts/study.py --plan v2              # study v2, as it ran (work/study_v2)
+    python scripts/study.py --plan upcycle         # issue 24's sparse upcycling experiment (work/study_upcycle)
 
 The same command again continues where it stopped: the data step and every run write their outputs under
 temporary names and a stamp last; an interrupted training resumes from checkpoint_last.pt. Runs use the CPU,
@@ -69,6 +70,9 @@ class Run:
     stage: str = ""  # v3: screen, confirm or upper
     candidate: bool = False  # v3: a MoEC run of the screening, one of those the choice picks from
     family: str = ""  # v3: the key of its Family in FAMILIES
+    updates: int = 0  # --max-update of this run; 0: the study's (--updates)
+    finetune_from: str = ""  # upcycle plan: the run whose checkpoint_last.pt this run starts from
+    upcycled: bool = False  # upcycle plan: that checkpoint upcycled to this run's MoE model first (upcycled.pt)
 
 
 NO_CLUSTERS = ("--moe-cluster-weight", "0")
@@ -246,7 +250,88 @@ def plan_v3(out):
     return [r for r in runs if not (r.name in names or names.add(r.name))]
 
 
+# --- the upcycling experiment (issue 24) ----------------------------------------------------------------------
+UPCYCLE_BASE, UPCYCLE_BASE_UPDATES, UPCYCLE_UPDATES = "upc-dense-base-s1", 1200, 600
+UPCYCLED = "upcycled.pt"  # in the run directory of an upcycled arm: the base's checkpoint_last.pt, upcycled
+# the flags of a training command that are MoE model options: what the upcycle step gives fairseq_moec.upcycle
+UPCYCLE_MODEL_FLAGS = (
+    "--moe-encoder-layers",
+    "--moe-decoder-layers",
+    "--moe-expert-count",
+    "--moe-clusters",
+    "--cluster-dropout",
+    "--cluster-dropout-interval",
+    "--moe-seed",
+)
+
+
+def plan_upcycle():
+    """Issue 24: dense seed 1 to update 1200 (the base), then three continuations of 600 updates from its
+    checkpoint_last.pt, equal but for the model: dense, and the base upcycled to the study's moe32 and moec32
+    (their families' runs at E = 32, seed 1: v2's moe32-s1 and moec32-s1 settings) with upcycle's default router
+    init. Each continuation is --finetune-from-model (optimizer, lr schedule, meters and data order restart)."""
+    base = dataclasses.replace(
+        FAMILIES["dense"].run(0, 1, "base"), name=UPCYCLE_BASE, group="upc-dense-base", updates=UPCYCLE_BASE_UPDATES
+    )
+    arms = [
+        ("dense", 0, "upc-dense-cont"),
+        ("moe", SCREEN_EXPERTS, "upc-moe32"),
+        ("moec", SCREEN_EXPERTS, "upc-moec32"),
+    ]
+    runs = [base]
+    for key, experts, group in arms:
+        run = FAMILIES[key].run(experts, 1, "continue")
+        runs.append(
+            dataclasses.replace(
+                run,
+                name=f"{group}-s1",
+                group=group,
+                candidate=False,
+                updates=UPCYCLE_UPDATES,
+                finetune_from=UPCYCLE_BASE,
+                upcycled=bool(experts),
+            )
+        )
+    return runs
+
+
+def start_checkpoint(run, rdir):
+    """The file RUN starts from (--finetune-from-model): its upcycled.pt, or the base's checkpoint_last.pt."""
+    if run.upcycled:
+        return Path(rdir) / UPCYCLED
+    return Path(rdir).parent / run.finetune_from / "checkpoints" / "checkpoint_last.pt"
+
+
+def upcycle_cmd(args, run, rdir):
+    """python -m fairseq_moec.upcycle BASE/checkpoint_last.pt RDIR/upcycled.pt with the MoE model flags of RUN's
+    own training command (placement, E, G, cluster dropout, the MoE seed) and upcycle's default router init
+    (random, seeded by --seed = the run's seed)."""
+    train = [str(c) for c in train_cmd(args, run, Path(args.out) / "data" / "bin", rdir)]
+    model = [x for f in UPCYCLE_MODEL_FLAGS if f in train for x in (f, train[train.index(f) + 1])]
+    base = Path(rdir).parent / run.finetune_from / "checkpoints" / "checkpoint_last.pt"
+    return [sys.executable, "-m", "fairseq_moec.upcycle", str(base), str(Path(rdir) / UPCYCLED), *model] + [
+        "--seed",
+        str(run.seed),
+    ]
+
+
+def prepare_start(args, run, rdir):
+    """Before RUN trains: its base must be done (its checkpoint_last.pt is the final one); an upcycled arm gets
+    its upcycled.pt, unless it is there already (upcycle writes it atomically and refuses an existing file)."""
+    base = Path(args.out) / "runs" / run.finetune_from
+    ckpt = base / "checkpoints" / "checkpoint_last.pt"
+    if not (base / "DONE").exists() or not ckpt.exists():
+        raise SystemExit(f"{run.name}: needs {ckpt} of the finished run {run.finetune_from}: run it first")
+    if run.upcycled and not (Path(rdir) / UPCYCLED).exists():
+        Path(rdir).mkdir(parents=True, exist_ok=True)
+        with files.atomic_path(Path(rdir) / "upcycle.log") as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                sh(upcycle_cmd(args, run, rdir), stdout=f)
+
+
 def plan(args):
+    if args.plan == "upcycle":
+        return plan_upcycle()
     return plan_v2(args.seeds) if args.plan == "v2" else plan_v3(args.out)
 
 
@@ -343,13 +428,14 @@ def train_cmd(args, run, data_bin, rdir):
         [("dropout", args.dropout), ("label-smoothing", "0.1"), ("optimizer", "torch_adam")]
         + [("adam-betas", "(0.9, 0.98)"), ("lr", args.lr), ("lr-scheduler", "inverse_sqrt")]
         + [("warmup-updates", args.warmup), ("warmup-init-lr", "1e-07"), ("max-tokens", args.max_tokens)]
-        + [("max-update", args.updates), ("seed", run.seed), ("num-workers", "0")]
+        + [("max-update", run.updates or args.updates), ("seed", run.seed), ("num-workers", "0")]
         + [("validate-interval-updates", args.valid_interval), ("validate-interval", "100000")]
         + [("save-interval-updates", args.valid_interval), ("save-interval", "100000")]
         + [("keep-interval-updates", "1"), ("no-epoch-checkpoints", None), ("best-checkpoint-metric", "loss")]
         + [("save-dir", rdir / "checkpoints"), ("log-format", "json"), ("log-interval", "25")]
         + [("log-file", rdir / "train.log"), ("no-progress-bar", None)]
         + ([("cpu", None)] if args.device == "cpu" else [])
+        + ([("finetune-from-model", start_checkpoint(run, rdir))] if run.finetune_from else [])
     )
     if not run.experts:
         dense = [("task", DENSE_TASK[0]), ("arch", "transformer"), ("criterion", DENSE_TASK[1])]
@@ -414,6 +500,8 @@ def do_run(args, run, data):
         return
     if import_v2(args, run, data):
         return
+    if run.finetune_from:
+        prepare_start(args, run, rdir)
     rdir.mkdir(parents=True, exist_ok=True)
     cmd = [str(c) for c in train_cmd(args, run, data / "bin", rdir)]
     saved = rdir / "command.json"
@@ -605,7 +693,12 @@ STAGES = {"all": ("screen", "confirm", "upper"), "screen": ("screen",), "confirm
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", choices=("v3", "v2"), default="v3", help="the study (v2: as it ran)")
+    p.add_argument(
+        "--plan",
+        choices=("v3", "v2", "upcycle"),
+        default="v3",
+        help="the study (v2: as it ran; upcycle: the sparse-upcycling experiment of issue 24, work/study_upcycle)",
+    )
     p.add_argument("--stage", choices=tuple(STAGES), default="all", help="v3: the stages to run (default: all)")
     p.add_argument("--out", default=None, help="default: work/study_v3 (work/study_v2 with --plan v2)")
     p.add_argument(
@@ -636,12 +729,14 @@ def parse_args(argv=None):
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.plan == "upcycle" and args.seeds is not None:
+        p.error("--seeds: not with --plan upcycle (seed 1)")
     if args.plan == "v3" and args.seeds is not None:
         p.error("--seeds: only with --plan v2 (v3 has seed 1 in the screening, seeds 1-3 in the confirmation)")
     args.seeds = tuple(int(s) for s in (args.seeds or "1,2").split(","))
     args.out = args.out or str(ROOT / "work" / f"study_{args.plan}")
-    if args.plan == "v2":
-        args.reuse = ""  # v2 trains every run
+    if args.plan in ("v2", "upcycle"):
+        args.reuse = ""  # v2 and upcycle train every run
     names = {r.name for r in plan(args)}
     args.only = [o for o in args.only.split(",") if o]
     unknown = sorted(set(args.only) - names)
@@ -695,7 +790,11 @@ def list_plan(args):
         if args.plan == "v3" and r.stage != stage:
             stage = r.stage
             print(f"# {V3_STAGE_TITLES[stage]}")
-        state = study_report.state(out / "runs" / r.name, args.updates, not r.evaluate_of)
+        state = study_report.state(out / "runs" / r.name, r.updates or args.updates, not r.evaluate_of)
+        if r.upcycled and state == "not started" and (out / "runs" / r.name / UPCYCLED).exists():
+            state += f" ({UPCYCLED} written)"
+        if r.finetune_from:
+            state += f"  [from {r.finetune_from}'s checkpoint_last.pt{', upcycled' if r.upcycled else ''}]"
         if state == "not started" and reusable(args, r):
             state += f" (the same command as {Path(args.reuse) / 'runs' / r.name}: imported, not trained)"
         print(f"{r.name:24s} {state}")
@@ -727,13 +826,15 @@ def main(argv=None):
     out = Path(args.out)
     if not args.report_only:
         data = prepare_data(args)
-        if args.plan == "v2":
+        if args.plan in ("v2", "upcycle"):
             for run in selected(args, plan(args)):
                 do_run(args, run, data)
         else:
             run_v3(args, data)
     if args.plan == "v2":
         study_report.write(out, plan(args), args.updates, Path(args.plot_dir))
+    elif args.plan == "upcycle":
+        study_report.write_upcycle(out, plan(args), ROOT / "docs" / "study-v2")
     else:
         choose(out, screening())  # never a report of the candidates' test scores before the choice is on disk
         study_report.write_v3(out, plan(args), args.updates, Path(args.plot_dir))

@@ -164,6 +164,7 @@ EXPORTED = (
     "score.json",
     "routing/summary.json",
     "train_eval.json",
+    "upcycle.log",  # an upcycled arm of the upcycle plan: fairseq_moec.upcycle's output
 )
 
 
@@ -237,7 +238,8 @@ def runs_table(out, rows, updates, hidden=()):
     lines = list(TABLE_HEAD)
     for run, stamp, s in rows:
         if not stamp:
-            lines.append(f"| {run.name} | {state(out / 'runs' / run.name, updates)} |" + " – |" * 9)
+            run_updates = getattr(run, "updates", 0) or updates
+            lines.append(f"| {run.name} | {state(out / 'runs' / run.name, run_updates)} |" + " – |" * 9)
             continue
         if run.evaluate_of:  # another way to translate with a model of the table: its losses and routing are there
             same = f"as {run.evaluate_of}"
@@ -563,6 +565,127 @@ def _upper_lines(out, decision, rows, updates):
                 f"MoEC - MoE at E = 64, one seed: {scores_64[0] - scores_64[1]:+.2f} BLEU; at E = 32, mean of "
                 f"seeds: {decision['diff']:+.2f}.",
             ]
+    return lines
+
+
+# --- the upcycling experiment (issue 24) --------------------------------------------------------------------------
+UPCYCLE_PAIRS = (  # (baseline, system): each upcycled arm against dense continued, MoEC against MoE, and the base
+    ("upc-dense-cont-s1", "upc-moe32-s1"),
+    ("upc-dense-cont-s1", "upc-moec32-s1"),
+    ("upc-moe32-s1", "upc-moec32-s1"),
+    ("upc-dense-base-s1", "upc-dense-cont-s1"),
+)
+V2_SPREAD_GROUPS = ("dense", "moe32", "moec32")  # their seeds 1-2 in study v2's export: the seed spread
+UPCYCLE_INTRO = (
+    "Sparse upcycling (issue 24). upc-dense-base-s1: dense, seed 1, {base} updates (the row 'dense at {base}'). "
+    "Its checkpoint_last.pt (update {base}) starts every continuation: {cont} more updates each with the study's "
+    "dense settings and schedule, restarted (--finetune-from-model: optimizer, lr schedule, meters and data order "
+    "reset), equal but for the model: upc-dense-cont-s1 the dense model itself; upc-moe32-s1 and upc-moec32-s1 the "
+    "base upcycled (python -m fairseq_moec.upcycle; every expert a copy of the dense FFN, router init 'random', "
+    "upcycle's default: a new model's router, seeded by --seed 1; no expert noise) to the study's moe32 and "
+    "moec32 models, trained with their flags. Evaluation as in every study run: "
+)
+
+
+def v2_seed_spread(v2_dir):
+    """Per group of V2_SPREAD_GROUPS, study v2's test BLEU and chrF of seeds 1-2 (runs/NAME/score.json of its
+    export): the values, sd (n - 1) and range. Groups with a missing seed are left out."""
+    spread = {}
+    for group in V2_SPREAD_GROUPS:
+        found = [Path(v2_dir) / "runs" / f"{group}-s{s}" / "score.json" for s in (1, 2)]
+        if not all(f.exists() for f in found):
+            continue
+        scores_ = [json.loads(f.read_text()) for f in found]
+        spread[group] = {
+            metric: {
+                "values": [sc[metric] for sc in scores_],
+                "sd": statistics.stdev([sc[metric] for sc in scores_]),
+                "range": max(sc[metric] for sc in scores_) - min(sc[metric] for sc in scores_),
+            }
+            for metric in ("bleu", "chrf")
+        }
+    return spread
+
+
+def write_upcycle(out, runs, v2_dir):
+    """The upcycling experiment's results.md and results.json: the runs' table, starts, updates and training
+    wall time, sacrebleu's paired bootstrap for UPCYCLE_PAIRS, and the differences read against study v2's seed
+    spread."""
+    rows = run_rows(out, runs)
+    done = {run.name: (run, stamp, s) for run, stamp, s in rows if stamp}
+    base = next((r.updates for r in runs if not r.finetune_from), 0)
+    cont = next((r.updates for r in runs if r.finetune_from), 0)
+    intro = UPCYCLE_INTRO.format(base=base, cont=cont) + INTRO.split("; ", 1)[1]
+    lines = [intro, "", *runs_table(out, rows, base)]
+    lines += [
+        "",
+        "| run | starts from | updates | training wall time (s, the last session that trained it) |",
+        "|---|---|---|---|",
+    ]
+    for run, stamp, _ in rows:
+        start = "random init" if not run.finetune_from else f"{run.finetune_from} checkpoint_last.pt"
+        if run.upcycled:
+            start += ", upcycled (upcycled.pt)"
+        wall = stamp.get("train_wall_s_last_session") if stamp else None
+        lines.append(f"| {run.name} | {start} | {run.updates} | {'–' if wall is None else wall} |")
+    lines += ["", *signature_lines(done.values())]
+    lines += [
+        "",
+        "Paired bootstrap resampling (sacrebleu --paired-bs, 1000 resamples of the test sentences; it does not "
+        "cover the training seed, see below):",
+        "",
+        "| baseline | system | BLEU base / sys | p | chrF base / sys | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    ref = out / "data" / "raw" / "test.en"
+    tests = []
+    for b_name, s_name in UPCYCLE_PAIRS:
+        if b_name not in done or s_name not in done:
+            lines.append(f"| {b_name} | {s_name} | waits for both runs | | | |")
+            continue
+        res = paired_bootstrap(ref, out / "runs" / b_name / "hyp.txt", [out / "runs" / s_name / "hyp.txt"])
+        b, o = res[0], res[1]
+        tests.append({"baseline": b_name, "system": s_name, "sacrebleu": res})
+        lines.append(
+            f"| {b_name} | {s_name} | {b['BLEU']['score']:.2f} / {o['BLEU']['score']:.2f} | "
+            f"{o['BLEU']['p_value']:.4f} | {b['chrF2']['score']:.2f} / {o['chrF2']['score']:.2f} | "
+            f"{o['chrF2']['p_value']:.4f} |"
+        )
+    spread = v2_seed_spread(v2_dir)
+    lines += ["", *_spread_lines(done, spread)]
+    text = "\n".join(lines) + "\n"
+    files.write_text_atomic(out / "results.md", text)
+    files.write_json_atomic(
+        out / "results.json",
+        {
+            "runs": {n: {"stamp": st, "summary": s} for n, (_, st, s) in done.items()},
+            "tests": tests,
+            "v2_seed_spread": spread,
+        },
+    )
+    print(text)
+
+
+def _spread_lines(done, spread):
+    """The upcycling differences next to study v2's seed-to-seed differences (seeds 1-2, one model each)."""
+    if not spread:
+        return ["Study v2's seed spread: not found (docs/study-v2/runs/*/score.json)."]
+    cells = "; ".join(
+        f"{g} {sp['bleu']['values'][0]:.2f} / {sp['bleu']['values'][1]:.2f} (sd {sp['bleu']['sd']:.2f}, range "
+        f"{sp['bleu']['range']:.2f} BLEU; chrF range {sp['chrf']['range']:.2f})"
+        for g, sp in spread.items()
+    )
+    widest = max(sp["bleu"]["range"] for sp in spread.values())
+    lines = [
+        f"Against the seed: study v2's test BLEU of seeds 1 / 2 (same settings, only the seed differs): {cells}. "
+        f"A difference here within {widest:.2f} BLEU (v2's widest seed-to-seed range) is no larger than what the "
+        "training seed alone gave there; this experiment has one seed per arm."
+    ]
+    for b_name, s_name in UPCYCLE_PAIRS[:3]:
+        if b_name in done and s_name in done:
+            diff = done[s_name][1]["score"]["bleu"] - done[b_name][1]["score"]["bleu"]
+            verdict = "within" if abs(diff) <= widest else "beyond"
+            lines.append(f"- {s_name} - {b_name}: {diff:+.2f} BLEU, {verdict} v2's seed range ({widest:.2f})")
     return lines
 
 

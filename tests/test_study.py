@@ -891,3 +891,127 @@ def test_v3_list_shows_the_stages_and_what_it_imports(tmp_path, capsys):
     assert states["official32-s1"] == "not started"
     with pytest.raises(SystemExit):
         study.parse_args(["--seeds", "1,2"])  # v3's seeds are its plan's
+
+
+# --- the upcycling experiment (issue 24) ---------------------------------------------------------------------------
+def upc_args(tmp_path, *extra):
+    return args_of(tmp_path, *extra, plan="upcycle")
+
+
+def test_upcycle_plan_order_and_commands(tmp_path):
+    args = upc_args(tmp_path)
+    assert args.out == str(tmp_path / "out") and args.reuse == ""
+    runs = study.plan_upcycle()
+    names = [r.name for r in runs]
+    assert names == ["upc-dense-base-s1", "upc-dense-cont-s1", "upc-moe32-s1", "upc-moec32-s1"]
+    out = Path(args.out)
+    cmds = {
+        r.name: [str(c) for c in study.train_cmd(args, r, out / "data" / "bin", out / "runs" / r.name)] for r in runs
+    }
+    base = cmds["upc-dense-base-s1"]
+    v2 = {r.name: r for r in study.plan_v2((1,))}
+    # the base is v2's dense-s1 command (1200 updates) in its own directory, no start checkpoint
+    assert flag(base, "--max-update") == "1200" and "--finetune-from-model" not in base
+    assert study.settings_of([c.replace("upc-dense-base-s1", "dense-s1") for c in base]) == study.settings_of(
+        command(args, v2["dense-s1"], out)
+    )
+    last = str(out / "runs" / "upc-dense-base-s1" / "checkpoints" / "checkpoint_last.pt")
+    assert flag(cmds["upc-dense-cont-s1"], "--finetune-from-model") == last
+    for name in ("upc-moe32-s1", "upc-moec32-s1"):
+        assert flag(cmds[name], "--finetune-from-model") == str(out / "runs" / name / "upcycled.pt")
+    conts = {n: c for n, c in cmds.items() if n != "upc-dense-base-s1"}
+    for c in conts.values():
+        assert "--restore-file" not in c and not any(x.startswith("--reset-") for x in c)
+        for f in ("--max-update", "--seed", "--lr", "--lr-scheduler", "--warmup-updates", "--max-tokens", "--dropout"):
+            assert flag(c, f) == flag(conts["upc-dense-cont-s1"], f), f
+        assert flag(c, "--max-update") == "600"
+
+    def strip(c, name):  # the command without its run directory and start checkpoint
+        c = [x.replace(name, "NAME") for x in c]
+        i = c.index("--finetune-from-model")
+        return c[:i] + c[i + 2 :]
+
+    # each sparse arm = the study's moe32-s1 / moec32-s1 training command (v2's) plus --finetune-from-model
+    for arm, study_run in (("upc-moe32-s1", "moe32-s1"), ("upc-moec32-s1", "moec32-s1")):
+        theirs = [x.replace(study_run, "NAME") for x in command(args, v2[study_run], out)]
+        theirs[theirs.index("--max-update") + 1] = "600"
+        assert study.settings_of(strip(cmds[arm], arm)) == study.settings_of(theirs), arm
+    dense = strip(cmds["upc-dense-cont-s1"], "upc-dense-cont-s1")
+    moe = strip(cmds["upc-moe32-s1"], "upc-moe32-s1")
+    assert moe[: len(dense) - 6] == dense[: len(dense) - 6]  # the shared part: all but the model's flags
+
+
+def test_upcycle_step_commands_and_rerun(tmp_path, monkeypatch):
+    args = upc_args(tmp_path)
+    out = Path(args.out)
+    runs = {r.name: r for r in study.plan_upcycle()}
+    calls = []
+
+    def sh(cmd, **kw):
+        cmd = [str(c) for c in cmd]
+        calls.append(cmd)
+        if cmd[1:3] == ["-m", "fairseq_moec.upcycle"]:
+            Path(cmd[4]).write_bytes(b"upcycled")
+            kw["stdout"].write("wrote it\n")
+        else:
+            raise StopIteration  # training: stop here
+
+    monkeypatch.setattr(study, "sh", sh)
+    with pytest.raises(SystemExit, match="needs .*checkpoint_last.pt of the finished run upc-dense-base-s1") as e:
+        study.do_run(args, runs["upc-moe32-s1"], out / "data")
+    assert "\n" not in str(e.value) and calls == []
+    base = out / "runs" / "upc-dense-base-s1"
+    (base / "checkpoints").mkdir(parents=True)
+    (base / "checkpoints" / "checkpoint_last.pt").write_bytes(b"dense")
+    with pytest.raises(SystemExit, match="needs"):  # a checkpoint but no DONE: not the final one
+        study.do_run(args, runs["upc-dense-cont-s1"], out / "data")
+    (base / "DONE").write_text("{}")
+    for name, g, dropout in (("upc-moe32-s1", "1", "0.0"), ("upc-moec32-s1", "4", "0.5")):
+        calls.clear()
+        with pytest.raises(StopIteration):
+            study.do_run(args, runs[name], out / "data")
+        up, train = calls
+        assert up[3:5] == [str(base / "checkpoints" / "checkpoint_last.pt"), str(out / "runs" / name / "upcycled.pt")]
+        assert [flag(up, f) for f in ("--moe-expert-count", "--moe-clusters", "--cluster-dropout")] == [
+            "32",
+            g,
+            dropout,
+        ]
+        assert [flag(up, f) for f in ("--moe-encoder-layers", "--moe-decoder-layers", "--seed")] == ["1", "1", "1"]
+        assert "--router-init" not in up  # upcycle's default
+        for f in study.UPCYCLE_MODEL_FLAGS:
+            assert flag(up, f) == flag(train, f), f
+        assert (out / "runs" / name / "upcycle.log").read_text() == "wrote it\n"
+        calls.clear()
+        with pytest.raises(StopIteration):  # a rerun: the upcycled file is there, training resumes
+            study.do_run(args, runs[name], out / "data")
+        assert len(calls) == 1 and "fairseq-train" in calls[0][0]
+    calls.clear()
+    with pytest.raises(StopIteration):
+        study.do_run(args, runs["upc-dense-cont-s1"], out / "data")
+    assert len(calls) == 1 and not (out / "runs" / "upc-dense-cont-s1" / "upcycled.pt").exists()
+
+
+def test_upcycle_list_and_report(tmp_path, capsys):
+    args = upc_args(tmp_path)
+    out = Path(args.out)
+    base = ["--plan", "upcycle", "--out", str(out), "--device", "cpu"]
+    assert study.main([*base, "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [r.name for r in study.plan_upcycle()]
+    assert lines[0].split(None, 1)[1] == "not started" and "upcycled]" in lines[2]
+    refs = [f"the {w} went to the house number {i}" for i, w in enumerate(["man", "woman", "king"] * 10)]
+    (out / "data" / "raw").mkdir(parents=True)
+    (out / "data" / "raw" / "test.en").write_text("".join(r + "\n" for r in refs))
+    fake_done(out, "upc-dense-base-s1", refs, 30.0)
+    fake_done(out, "upc-dense-cont-s1", [r.replace("house", "home") for r in refs], 31.0)
+    fake_done(out, "upc-moe32-s1", refs, 32.0)
+    assert study.main([*base, "--report-only", "--export", str(tmp_path / "exp")]) == 0
+    text = (out / "results.md").read_text()
+    assert "| upc-moe32-s1 | done | 32.00 |" in text and "| upc-moec32-s1 | not started |" in text
+    assert "| upc-dense-cont-s1 | upc-moe32-s1 |" in text and "| upc-moe32-s1 | upc-moec32-s1 | waits" in text
+    assert "- upc-moe32-s1 - upc-dense-cont-s1: +1.00 BLEU" in text and "study v2's test BLEU" in text
+    assert "router init 'random'" in text
+    assert (tmp_path / "exp" / "runs" / "upc-moe32-s1" / "hyp.txt").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["v2_seed_spread"]) == {"dense", "moe32", "moec32"}
