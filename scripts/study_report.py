@@ -164,7 +164,6 @@ EXPORTED = (
     "score.json",
     "routing/summary.json",
     "train_eval.json",
-    "upcycle.log",  # an upcycled arm of the upcycle plan: fairseq_moec.upcycle's output
 )
 
 
