@@ -251,7 +251,7 @@ def plan_v3(out):
 
 
 # --- the upcycling experiment (issue 24) ----------------------------------------------------------------------
-UPCYCLE_BASE, UPCYCLE_BASE_UPDATES, UPCYCLE_UPDATES = "upc-dense-base-s1", 1200, 600
+UPCYCLE_BASE, UPCYCLE_BASE_UPDATES, UPCYCLE_UPDATES = "upc-dense-base-s1", 1200, 400  # 400: three continuations fit one 3-hour session on this CPU
 UPCYCLED = "upcycled.pt"  # in the run directory of an upcycled arm: the base's checkpoint_last.pt, upcycled
 # the flags of a training command that are MoE model options: what the upcycle step gives fairseq_moec.upcycle
 UPCYCLE_MODEL_FLAGS = (
@@ -266,7 +266,7 @@ UPCYCLE_MODEL_FLAGS = (
 
 
 def plan_upcycle():
-    """Issue 24: dense seed 1 to update 1200 (the base), then three continuations of 600 updates from its
+    """Issue 24: dense seed 1 to update 1200 (the base), then three continuations of 400 updates from its
     checkpoint_last.pt, equal but for the model: dense, and the base upcycled to the study's moe32 and moec32
     (their families' runs at E = 32, seed 1: v2's moe32-s1 and moec32-s1 settings) with upcycle's default router
     init. Each continuation is --finetune-from-model (optimizer, lr schedule, meters and data order restart)."""

@@ -924,7 +924,7 @@ def test_upcycle_plan_order_and_commands(tmp_path):
         assert "--restore-file" not in c and not any(x.startswith("--reset-") for x in c)
         for f in ("--max-update", "--seed", "--lr", "--lr-scheduler", "--warmup-updates", "--max-tokens", "--dropout"):
             assert flag(c, f) == flag(conts["upc-dense-cont-s1"], f), f
-        assert flag(c, "--max-update") == "600"
+        assert flag(c, "--max-update") == "400"
 
     def strip(c, name):  # the command without its run directory and start checkpoint
         c = [x.replace(name, "NAME") for x in c]
@@ -934,7 +934,7 @@ def test_upcycle_plan_order_and_commands(tmp_path):
     # each sparse arm = the study's moe32-s1 / moec32-s1 training command (v2's) plus --finetune-from-model
     for arm, study_run in (("upc-moe32-s1", "moe32-s1"), ("upc-moec32-s1", "moec32-s1")):
         theirs = [x.replace(study_run, "NAME") for x in command(args, v2[study_run], out)]
-        theirs[theirs.index("--max-update") + 1] = "600"
+        theirs[theirs.index("--max-update") + 1] = "400"
         assert study.settings_of(strip(cmds[arm], arm)) == study.settings_of(theirs), arm
     dense = strip(cmds["upc-dense-cont-s1"], "upc-dense-cont-s1")
     moe = strip(cmds["upc-moe32-s1"], "upc-moe32-s1")
