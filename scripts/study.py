@@ -251,7 +251,8 @@ def plan_v3(out):
 
 
 # --- the upcycling experiment (issue 24) ----------------------------------------------------------------------
-UPCYCLE_BASE, UPCYCLE_BASE_UPDATES, UPCYCLE_UPDATES = "upc-dense-base-s1", 1200, 400  # 400: three continuations fit one 3-hour session on this CPU
+# 400 continuation updates: the base and three continuations fit one 3-hour session on this CPU
+UPCYCLE_BASE, UPCYCLE_BASE_UPDATES, UPCYCLE_UPDATES = "upc-dense-base-s1", 1200, 400
 UPCYCLED = "upcycled.pt"  # in the run directory of an upcycled arm: the base's checkpoint_last.pt, upcycled
 # the flags of a training command that are MoE model options: what the upcycle step gives fairseq_moec.upcycle
 UPCYCLE_MODEL_FLAGS = (
