@@ -296,11 +296,14 @@ def plan_upcycle():
     return runs
 
 
+def base_checkpoint(run, rdir):
+    """The checkpoint_last.pt of the run that RUN (in its run directory RDIR) continues from."""
+    return Path(rdir).parent / run.finetune_from / "checkpoints" / "checkpoint_last.pt"
+
+
 def start_checkpoint(run, rdir):
     """The file RUN starts from (--finetune-from-model): its upcycled.pt, or the base's checkpoint_last.pt."""
-    if run.upcycled:
-        return Path(rdir) / UPCYCLED
-    return Path(rdir).parent / run.finetune_from / "checkpoints" / "checkpoint_last.pt"
+    return Path(rdir) / UPCYCLED if run.upcycled else base_checkpoint(run, rdir)
 
 
 def upcycle_cmd(args, run, rdir):
@@ -309,7 +312,7 @@ def upcycle_cmd(args, run, rdir):
     (random, seeded by --seed = the run's seed)."""
     train = [str(c) for c in train_cmd(args, run, Path(args.out) / "data" / "bin", rdir)]
     model = [x for f in UPCYCLE_MODEL_FLAGS if f in train for x in (f, train[train.index(f) + 1])]
-    base = Path(rdir).parent / run.finetune_from / "checkpoints" / "checkpoint_last.pt"
+    base = base_checkpoint(run, rdir)
     return [sys.executable, "-m", "fairseq_moec.upcycle", str(base), str(Path(rdir) / UPCYCLED), *model] + [
         "--seed",
         str(run.seed),
@@ -319,9 +322,8 @@ def upcycle_cmd(args, run, rdir):
 def prepare_start(args, run, rdir):
     """Before RUN trains: its base must be done (its checkpoint_last.pt is the final one); an upcycled arm gets
     its upcycled.pt, unless it is there already (upcycle writes it atomically and refuses an existing file)."""
-    base = Path(args.out) / "runs" / run.finetune_from
-    ckpt = base / "checkpoints" / "checkpoint_last.pt"
-    if not (base / "DONE").exists() or not ckpt.exists():
+    ckpt = base_checkpoint(run, rdir)
+    if not (ckpt.parents[1] / "DONE").exists() or not ckpt.exists():
         raise SystemExit(f"{run.name}: needs {ckpt} of the finished run {run.finetune_from}: run it first")
     if run.upcycled and not (Path(rdir) / UPCYCLED).exists():
         Path(rdir).mkdir(parents=True, exist_ok=True)

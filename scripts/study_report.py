@@ -237,8 +237,7 @@ def runs_table(out, rows, updates, hidden=()):
     lines = list(TABLE_HEAD)
     for run, stamp, s in rows:
         if not stamp:
-            run_updates = getattr(run, "updates", 0) or updates
-            lines.append(f"| {run.name} | {state(out / 'runs' / run.name, run_updates)} |" + " – |" * 9)
+            lines.append(f"| {run.name} | {state(out / 'runs' / run.name, run.updates or updates)} |" + " – |" * 9)
             continue
         if run.evaluate_of:  # another way to translate with a model of the table: its losses and routing are there
             same = f"as {run.evaluate_of}"
