@@ -48,6 +48,8 @@ CONCENTRATION_C0 = [0.04 / 0.8, 0.25 / 0.7, 0.0, 0.01 / 0.3, 0.16 / 0.5, 0.25 / 
 CONCENTRATION_C1 = [0.0, 0.01 / 0.3, 0.16 / 0.8, 0.01 / 0.7, 0.09 / 0.5, 0.0]
 CONCENTRATION = (sum(CONCENTRATION_C0) + sum(CONCENTRATION_C1)) / 6
 IMPURITY = sum(2 * (1 - q * q - (1 - q) ** 2) for q in (0.8, 0.7, 0.2, 0.3, 0.5, 0.9)) / 6
+# the clusters' shares: Q0 = 3.4 / 6, Q1 = 2.6 / 6; imbalance (Q0^2 + Q1^2 - 1/2) / (1/2)
+IMBALANCE = 2 * ((3.4 / 6) ** 2 + (2.6 / 6) ** 2 - 0.5)
 
 
 def test_loss_functions_on_the_fixed_routing():
@@ -92,6 +94,7 @@ def test_moe_layer_reports_the_hand_computed_losses_and_stats():
     assert float(S["co_routing"]) == pytest.approx(4 / 6) and float(S["co_routing_chance"]) == pytest.approx(1 / 3)
     assert float(S["mate_concentration"]) == pytest.approx(CONCENTRATION, rel=1e-5)
     assert float(S["cluster_impurity"]) == pytest.approx(IMPURITY, rel=1e-5)
+    assert float(S["cluster_imbalance"]) == pytest.approx(IMBALANCE, rel=1e-4)
     # the 'ratio' cluster loss of the same routing
     layer = fixed_layer(moe_cluster_loss="ratio")
     layer(PROBS.log())
@@ -151,6 +154,7 @@ def test_criterion_logs_sample_size_weighted_means():
     assert float(log1["moe_enc1_co_routing_chance"]) == pytest.approx(1 / 3 * 10, rel=1e-5)
     assert float(log1["moe_enc1_mate_concentration"]) == pytest.approx(CONCENTRATION * 10, rel=1e-5)
     assert float(log1["moe_enc1_cluster_impurity"]) == pytest.approx(IMPURITY * 10, rel=1e-5)
+    assert float(log1["moe_enc1_cluster_imbalance"]) == pytest.approx(IMBALANCE * 10, rel=1e-4)
     # CE of a uniform prediction over 8 classes: ln 8 per token; the MoE part is sample_size * weighted losses
     moe1 = 0.01 * BALANCE + 0.1 * INTRA
     assert float(log1["loss"]) == pytest.approx(10 * math.log(8), rel=1e-5)

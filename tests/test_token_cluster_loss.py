@@ -14,11 +14,13 @@ from fairseq_moec.modules.config import OFFICIAL_LOSS_TEMPERATURE
 
 def naive_token_terms(probs, num_clusters, survivors=None, real=None):
     """Per token, literally: cluster probabilities q, shares r = p / q, the population variance of m' r over the
-    cluster's survivors divided by m' - 1 and weighted by q; the Gini impurity of q over 1 - 1/G."""
+    cluster's survivors divided by m' - 1 and weighted by q; the Gini impurity of q over 1 - 1/G; the clusters'
+    mean q, its sum of squares less 1/G, over 1 - 1/G."""
     T, E = probs.shape
     m = E // num_clusters
     alive = [True] * E if survivors is None else survivors.tolist()
     concentration = impurity = n = 0.0
+    share = [0.0] * num_clusters
     for t in range(T):
         if real is not None and not real[t]:
             continue
@@ -33,8 +35,11 @@ def naive_token_terms(probs, num_clusters, survivors=None, real=None):
             mean = sum(shares) / k
             concentration += q[g] * sum((s - mean) ** 2 for s in shares) / k / (k - 1)
         impurity += (1 - sum(x * x for x in q)) / (1 - 1 / num_clusters) if num_clusters > 1 else 0.0
+        share = [a + b for a, b in zip(share, q)]
         n += 1
-    return concentration / n, impurity / n
+    G = num_clusters
+    imbalance = (sum((a / n) ** 2 for a in share) - 1 / G) / (1 - 1 / G) if G > 1 else 0.0
+    return concentration / n, impurity / n, imbalance
 
 
 def terms(probs, num_clusters, survivors=None, real=None):
@@ -47,14 +52,15 @@ def terms(probs, num_clusters, survivors=None, real=None):
 def test_equal_masses_different_token_structure():
     """E = 4 in clusters {0, 1} {2, 3}. Both routings give every expert the mass 1/4, so 'intra' cannot tell them
     apart (0 for both); the token loss gives 0 where each token spreads over one cluster's mates, and 1 + 1 where
-    each token puts half on one expert of each cluster (mates unlike, clusters alike)."""
+    each token puts half on one expert of each cluster (mates unlike, clusters alike). The clusters get equal
+    shares in both: imbalance 0."""
     within = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
     across = torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.0, 0.5, 0.0, 0.5]])
     for probs in (within, across):
         assert losses.token_mean(probs).tolist() == [0.25] * 4
         assert float(losses.cluster_terms(probs, 2, "intra", "relative")[0]) == 0.0
-    assert terms(within, 2) == (0.0, 0.0)
-    assert terms(across, 2) == pytest.approx((1.0, 1.0))
+    assert terms(within, 2) == (0.0, 0.0, 0.0)
+    assert terms(across, 2) == pytest.approx((1.0, 1.0, 0.0))
     assert float(losses.cluster_terms(within, 2, "token", "relative")[0]) == 0.0
     assert float(losses.cluster_terms(across, 2, "token", "relative")[0]) == pytest.approx(2.0)
 
@@ -65,15 +71,17 @@ def test_token_loss_by_hand_with_a_dropped_expert_and_an_empty_cluster():
     1/4, / (m' - 1) = 1/4, x q = 0.1. Cluster 1: r = (1/2, 1/3, 1/6), m' r = (1.5, 1, 0.5), variance 1/6, / 2,
     x 0.6 = 0.05. Concentration 0.15; impurity (1 - 0.16 - 0.36) / (1/2) = 0.96.
     Token 2 (0, 0, 0 | 0.5, 0.5, 0): cluster 0 empty (q = 0: adds 0); cluster 1: m' r = (1.5, 1.5, 0), variance
-    1/2, / 2 = 1/4; impurity 0. Means over the two tokens: 0.2 and 0.48."""
+    1/2, / 2 = 1/4; impurity 0. Means over the two tokens: 0.2 and 0.48. Imbalance: token 1 alone Q = (0.4, 0.6),
+    (0.16 + 0.36 - 1/2) / (1/2) = 0.04; token 2 alone Q = (0, 1): 1; both Q = (0.2, 0.8): (0.04 + 0.64 - 0.5) / 0.5
+    = 0.36."""
     survivors = torch.tensor([True, False, True, True, True, True])
     probs = torch.tensor([[0.3, 0.0, 0.1, 0.3, 0.2, 0.1], [0.0, 0.0, 0.0, 0.5, 0.5, 0.0]], dtype=torch.float64)
-    assert terms(probs[:1], 2, survivors) == pytest.approx((0.15, 0.96))
-    assert terms(probs[1:], 2, survivors) == pytest.approx((0.25, 0.0))
-    assert terms(probs, 2, survivors) == pytest.approx((0.2, 0.48))
+    assert terms(probs[:1], 2, survivors) == pytest.approx((0.15, 0.96, 0.04))
+    assert terms(probs[1:], 2, survivors) == pytest.approx((0.25, 0.0, 1.0))
+    assert terms(probs, 2, survivors) == pytest.approx((0.2, 0.48, 0.36))
     # a padding row in between changes nothing
     padded = torch.cat([probs[:1], torch.tensor([[1.0, 0, 0, 0, 0, 0]], dtype=torch.float64), probs[1:]])
-    assert terms(padded, 2, survivors, torch.tensor([True, False, True])) == pytest.approx((0.2, 0.48))
+    assert terms(padded, 2, survivors, torch.tensor([True, False, True])) == pytest.approx((0.2, 0.48, 0.36))
 
 
 @pytest.mark.parametrize("E,G,dropped", [(8, 2, 0), (8, 2, 2), (12, 3, 1), (16, 4, 2), (6, 6, 0), (8, 1, 0)])
@@ -94,18 +102,36 @@ def test_each_term_runs_from_0_to_1_at_every_size(E, G):
     """The scale of --moe-cluster-weight: each term is 0 at its aim and 1 at its worst, whatever E, G and T."""
     m = E // G
     zeros = torch.zeros(E, dtype=torch.float64)
-    one_cluster = zeros.index_fill(0, torch.arange(m), 1.0 / m)  # uniform over the mates of cluster 0
+
+    def cluster(g):  # uniform over the mates of cluster g
+        return zeros.index_fill(0, torch.arange(m) + g * m, 1.0 / m)
+
     one_expert = zeros.index_fill(0, torch.tensor([0]), 1.0)
     uniform = torch.full((E,), 1.0 / E, dtype=torch.float64)
     one_of_each = zeros.index_fill(0, torch.arange(G) * m, 1.0 / G)  # one expert of every cluster
-    for probs, expected in ((one_cluster, (0, 0)), (one_expert, (1, 0)), (uniform, (0, 1)), (one_of_each, (1, 1))):
+    cases = ((cluster(0), (0, 0, 1)), (one_expert, (1, 0, 1)), (uniform, (0, 1, 0)), (one_of_each, (1, 1, 0)))
+    for probs, expected in cases:
         for tokens in (1, 7):
             assert terms(probs.expand(tokens, E), G) == pytest.approx(expected, abs=1e-12)
+    # the aim: every token sure of one cluster, uniform over its mates, and the clusters equally used
+    aim = torch.stack([cluster(g) for g in range(G) for _ in range(3)])
+    assert terms(aim, G) == pytest.approx((0, 0, 0), abs=1e-12)
     probs = (3 * torch.randn(50, E, generator=torch.Generator().manual_seed(E), dtype=torch.float64)).softmax(-1)
-    concentration, impurity = terms(probs, G)
-    assert 0 < concentration < 1 and 0 < impurity < 1
+    concentration, impurity, imbalance = terms(probs, G)
+    assert 0 < concentration < 1 and 0 < impurity < 1 and 0 < imbalance < 1
+    assert impurity + imbalance <= 1  # 1 - sum_g Var_t(q_tg) / (1 - 1/G)
     doubled = torch.cat([probs, probs])  # twice the batch, the same routing: the same loss
-    assert terms(doubled, G) == pytest.approx((concentration, impurity), rel=1e-12)
+    assert terms(doubled, G) == pytest.approx((concentration, impurity, imbalance), rel=1e-12)
+
+
+def test_imbalance_tells_a_collapse_from_the_aim():
+    """Every token sure of cluster 0 (a collapse) and tokens sure of alternating clusters have the same
+    concentration and impurity (0); only the imbalance, 1 against 0, tells them apart."""
+    collapsed = torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 4)
+    spread = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]] * 2)
+    assert terms(collapsed, 2) == (0.0, 0.0, 1.0)
+    assert terms(spread, 2) == (0.0, 0.0, 0.0)
+    assert float(losses.cluster_terms(collapsed, 2, "token", "relative")[0]) == 1.0
 
 
 def test_token_loss_gradcheck():
@@ -132,17 +158,17 @@ def test_empty_cluster_gives_finite_gradients(dtype):
     )
     probs = logits.masked_fill(~survivors, -math.inf).softmax(-1)
     assert (probs[0, :3] == 0).all() and (probs[2, 3:] == 0).all()  # the premise: empty clusters
-    concentration, impurity = losses.token_cluster_terms(probs, 2, survivors)
-    (concentration + impurity).backward()
-    assert torch.isfinite(concentration) and torch.isfinite(impurity)
+    values = losses.token_cluster_terms(probs, 2, survivors)
+    sum(values).backward()
+    assert all(torch.isfinite(v) for v in values)
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     expected = naive_token_terms(probs.detach().double(), 2, survivors)
-    assert (float(concentration.detach()), float(impurity.detach())) == pytest.approx(expected, abs=2e-2)
+    assert tuple(float(v.detach()) for v in values) == pytest.approx(expected, abs=2e-2)
 
 
-def test_layer_trains_on_the_sum_of_the_two_terms():
-    """--moe-cluster-loss token in the layer: the cluster loss is concentration + impurity of the real tokens over
-    the survivors (the per-token loop), logged separately."""
+def test_layer_trains_on_the_sum_of_the_three_terms():
+    """--moe-cluster-loss token in the layer: the cluster loss is concentration + impurity + imbalance of the real
+    tokens over the survivors (the per-token loop), logged separately."""
     torch.manual_seed(0)
     cfg = MoEConfig(moe_expert_count=8, moe_clusters=2, cluster_dropout=0.5, moe_cluster_loss="token")
     layer = MoELayer(cfg, 8, 16)
@@ -151,10 +177,15 @@ def test_layer_trains_on_the_sum_of_the_two_terms():
     pad = torch.zeros(30, dtype=torch.bool)
     pad[[2, 7]] = True
     layer(torch.randn(30, 8), pad)
-    concentration, impurity = naive_token_terms(layer.last_routing[2].double(), 2, layer.cluster_dropout.mask())
-    assert float(layer.last_losses["cluster"].detach()) == pytest.approx(concentration + impurity, rel=1e-5)
+    concentration, impurity, imbalance = naive_token_terms(
+        layer.last_routing[2].double(), 2, layer.cluster_dropout.mask()
+    )
+    assert imbalance > 1e-3  # the case has all three terms
+    cluster = concentration + impurity + imbalance
+    assert float(layer.last_losses["cluster"].detach()) == pytest.approx(cluster, rel=1e-5, abs=1e-6)
     assert float(layer.last_stats["mate_concentration"]) == pytest.approx(concentration, rel=1e-5)
     assert float(layer.last_stats["cluster_impurity"]) == pytest.approx(impurity, rel=1e-5)
+    assert float(layer.last_stats["cluster_imbalance"]) == pytest.approx(imbalance, abs=1e-6)  # fp32
     assert layer.cfg.gate == "cluster"
 
 
@@ -357,15 +388,17 @@ def test_co_routing_statistics_match_a_per_token_loop(train):
         probs = layer.last_routing[2]
         assert analysis.co_routing_rate(probs, 2) == pytest.approx(expected)
         assert analysis.chance_co_routing(8, 2) == pytest.approx(float(layer.last_stats["co_routing_chance"]))
-    concentration, impurity = naive_token_terms(layer.last_routing[2], 2, survivors)  # the real tokens' probs
+    concentration, impurity, imbalance = naive_token_terms(layer.last_routing[2], 2, survivors)  # the real tokens'
     assert float(layer.last_stats["mate_concentration"]) == pytest.approx(concentration, rel=1e-4)
     assert float(layer.last_stats["cluster_impurity"]) == pytest.approx(impurity, rel=1e-4)
+    assert float(layer.last_stats["cluster_imbalance"]) == pytest.approx(imbalance, rel=1e-4, abs=1e-6)
 
 
 def test_co_routing_is_not_logged_without_clusters():
     layer = MoELayer(MoEConfig(moe_expert_count=4), 8, 16)
     layer(torch.randn(10, 8))
-    assert not {"co_routing", "co_routing_chance", "mate_concentration", "cluster_impurity"} & set(layer.last_stats)
+    logged = {"co_routing", "co_routing_chance", "mate_concentration", "cluster_impurity", "cluster_imbalance"}
+    assert not logged & set(layer.last_stats)
 
 
 def test_co_routing_chance_by_hand():

@@ -26,6 +26,7 @@ ROUTING_STATS = (
     "co_routing_chance",
     "mate_concentration",
     "cluster_impurity",
+    "cluster_imbalance",
 )
 
 

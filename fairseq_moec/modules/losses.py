@@ -96,14 +96,18 @@ def token_cluster_terms(
     survivors: Optional[torch.Tensor] = None,
     real: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(concentration, impurity): the two terms of the token cluster loss, each a mean over tokens in [0, 1].
+    """(concentration, impurity, imbalance): the three terms of the token cluster loss, each in [0, 1].
 
     Per token t, over the m'_g surviving experts of each cluster g: q_tg = sum_(e in g) p_te, r_te = p_te / q_tg.
-    concentration = sum_g q_tg Var_(e in g)(m'_g r_te) / (m'_g - 1) (population variance): 0 when the token
-    spreads each cluster's probability evenly over the mates, 1 when it puts it on one mate; clusters of one
-    survivor count 0. impurity = (1 - sum_g q_tg^2) / (1 - 1/G): 0 when the token is sure of its cluster, 1 when
-    it is uniform over the clusters. q_tg Var / (m' - 1) is computed as sum_e (m' p_te - q_tg)^2 / (q_tg m' (m' - 1)),
-    with q clamped away from 0: an empty cluster (q = 0, p = 0) adds 0 and no NaN to the gradients."""
+    concentration = mean_t sum_g q_tg Var_(e in g)(m'_g r_te) / (m'_g - 1) (population variance): 0 when each
+    token spreads each cluster's probability evenly over the mates, 1 when it puts it on one mate; clusters of one
+    survivor count 0. impurity = mean_t (1 - sum_g q_tg^2) / (1 - 1/G): 0 when every token is sure of its cluster,
+    1 when it is uniform over the clusters. imbalance = (sum_g Q_g^2 - 1/G) / (1 - 1/G), Q_g = mean_t q_tg: 0 when
+    the clusters get equal shares of the tokens, 1 when one cluster gets them all. impurity + imbalance
+    = 1 - sum_g Var_t(q_tg) / (1 - 1/G) is in [0, 1] too: without imbalance, sending every token surely to one
+    cluster minimises the other two (a collapse measured in fairseq, docs/method.md). q_tg Var / (m' - 1) is
+    computed as sum_e (m' p_te - q_tg)^2 / (q_tg m' (m' - 1)), with q clamped away from 0: an empty cluster
+    (q = 0, p = 0) adds 0 and no NaN to the gradients."""
     T, E = probs.shape
     G = num_clusters
     p = probs.view(T, G, E // G)
@@ -113,10 +117,12 @@ def token_cluster_terms(
     squared = ((p * n[:, None] - q[..., None]) * w).pow(2).sum(-1)
     per_cluster = squared / (q.clamp(min=EPS) * n * (n - 1).clamp(min=1))  # one survivor: p = q, adds 0
     concentration = token_mean(per_cluster.sum(-1), real)
-    if G == 1:  # one cluster: the token is always sure of it
-        return concentration, concentration.new_zeros(())
+    if G == 1:  # one cluster: every token is sure of it, and it gets them all
+        zero = concentration.new_zeros(())
+        return concentration, zero, zero
     impurity = token_mean((1 - q.pow(2).sum(-1)) / (1 - 1 / G), real)
-    return concentration, impurity
+    imbalance = (token_mean(q, real).pow(2).sum() - 1 / G) / (1 - 1 / G)
+    return concentration, impurity, imbalance
 
 
 def cluster_terms(
@@ -131,11 +137,10 @@ def cluster_terms(
     logs. norm 'official' reproduces the official code's term: unbiased variance of summed masses, times the E'
     inside its aux loss l_aux = E' * (L_balance + c * V). Its size relative to the default is
     T^2 / E' * m / (m - 1) (m: surviving experts per cluster), see ``official_equivalent_weight``.
-    kind 'token': concentration + impurity of ``token_cluster_terms`` (norm 'relative' only)."""
+    kind 'token': the sum of the three ``token_cluster_terms`` (norm 'relative' only)."""
     intra, inter = cluster_variances(routing_mass(probs, "relative", survivors, real), num_clusters, survivors)
     if kind == "token":
-        concentration, impurity = token_cluster_terms(probs, num_clusters, survivors, real)
-        return concentration + impurity, intra, inter
+        return sum(token_cluster_terms(probs, num_clusters, survivors, real)), intra, inter
     if norm == "official":
         mass = routing_mass(probs, "official", real=real)
         official, _ = cluster_variances(mass, num_clusters, survivors, unbiased=True)

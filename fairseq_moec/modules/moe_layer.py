@@ -180,9 +180,9 @@ class MoELayer(nn.Module):
         token_loss = cfg.moe_cluster_loss == "token"
         if G > 1:  # logged for every cluster loss; a graph only where it is the loss
             with torch.set_grad_enabled(torch.is_grad_enabled() and token_loss):
-                concentration, impurity = losses.token_cluster_terms(probs, G, survivors, real)
+                concentration, impurity, imbalance = losses.token_cluster_terms(probs, G, survivors, real)
         if token_loss:
-            cluster = concentration + impurity if G > 1 else probs.new_zeros(())
+            cluster = concentration + impurity + imbalance if G > 1 else probs.new_zeros(())
             mass = losses.routing_mass(probs, "relative", survivors, real)
             intra, inter = losses.cluster_variances(mass, G, survivors)
         else:
@@ -217,3 +217,4 @@ class MoELayer(nn.Module):
                 self.last_stats["co_routing_chance"] = probs.new_full((), chance)
                 self.last_stats["mate_concentration"] = concentration.detach()
                 self.last_stats["cluster_impurity"] = impurity.detach()
+                self.last_stats["cluster_imbalance"] = imbalance.detach()
