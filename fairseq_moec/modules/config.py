@@ -94,8 +94,8 @@ class MoEConfig:
     moe_cluster_loss: str = _opt(
         "intra",
         "cluster loss: 'intra' (mean within-cluster variance of routing mass), 'ratio' (intra / inter), or 'token' "
-        "(per token: the cluster mates share its cluster's probability evenly, and it is sure of its cluster; "
-        "docs/method.md)",
+        "(per token: the cluster mates share its cluster's probability evenly, and it is sure of its cluster; the "
+        "clusters get equal shares of the tokens; docs/method.md)",
         CLUSTER_LOSSES,
     )
     moe_cluster_loss_norm: str = _opt(
