@@ -95,7 +95,7 @@ def token_cluster_terms(
     num_clusters: int,
     survivors: Optional[torch.Tensor] = None,
     real: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(concentration, impurity, imbalance): the three terms of the token cluster loss, each in [0, 1].
 
     Per token t, over the m'_g surviving experts of each cluster g: q_tg = sum_(e in g) p_te, r_te = p_te / q_tg.
