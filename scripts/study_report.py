@@ -26,6 +26,14 @@ SIGNIFICANCE = 0.05  # "MoEC beats MoE": higher mean BLEU and a seed-aware p bel
 RESAMPLES = 10000  # of the seed-aware bootstrap: p near 0.05 to about +-0.005 (1,000 took 0.07 s at 966 lines)
 TGT_LANG = "en"  # the study's target language: sacrebleu's BLEU tokenizer for it (13a), as in score.json
 CO_ROUTING_LOG = re.compile(r"^moe_(\w+)_co_routing$")
+LAYER_NAME = re.compile(r"^(enc|dec)(\d+)$")
+
+
+def layer_order(name):
+    """Encoder layers before decoder layers, each by index, as fairseq_moec.analyze lists them (fairseq's logs
+    sort their keys alphabetically: dec1 before enc1)."""
+    m = LAYER_NAME.match(name)
+    return (m.group(1) == "dec", int(m.group(2)), "") if m else (True, 0, name)
 
 
 # --- fairseq json logs -------------------------------------------------------------------------------------------
@@ -57,7 +65,7 @@ def summarize(path, train_eval=None):
         r = logged[-1]
         s["co_routing_log"] = {
             m.group(1): {"rate": float(r[k]), "chance": float(r[f"{k}_chance"]), "update": int(float(r["num_updates"]))}
-            for k in r
+            for k in sorted(r, key=lambda k: layer_order(k[len("moe_") :].split("_")[0]))
             if (m := CO_ROUTING_LOG.match(k))
         }
     return s

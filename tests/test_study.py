@@ -717,6 +717,19 @@ def test_co_routing_of_the_summary_and_of_the_training_log_by_hand(tmp_path):
     assert row.endswith("| 0.250 (0.226); G = 1 | 0.900 (0.200) at 50 |")
 
 
+def test_training_log_co_routing_lists_the_encoder_first(tmp_path):
+    """fairseq writes a log record's keys sorted (moe_dec1_ before moe_enc1_); the table's cell follows the layer
+    order of the routing summary's cell beside it: encoder, then decoder, each by index."""
+    log = tmp_path / "train.log"
+    record = {"loss": "5", "num_updates": "50"}
+    for name, rate in (("dec1", "0.1"), ("dec3", "0.3"), ("enc1", "0.7"), ("enc10", "0.8"), ("enc2", "0.9")):
+        record.update({f"moe_{name}_co_routing": rate, f"moe_{name}_co_routing_chance": "0.2"})
+    log.write_text(json.dumps(record, sort_keys=True) + "\n")
+    logged = study_report.summarize(log)["co_routing_log"]
+    assert list(logged) == ["enc1", "enc2", "enc10", "dec1", "dec3"]
+    assert [c["rate"] for c in logged.values()] == [0.7, 0.9, 0.8, 0.1, 0.3]
+
+
 def test_v2_rows_show_the_co_routing_of_the_exported_runs():
     """The numbers of study v2's co-routing caveat (docs/study.md), from its exported routing summaries."""
     rows = study_report.run_rows(V2_EXPORT, study.plan_v2((1, 2)))
