@@ -63,10 +63,10 @@ def summarize(path, train_eval=None):
     logged = [r for r in recs["train_inner"] if any(CO_ROUTING_LOG.match(k) for k in r)]
     if logged:  # the plugin logs co-routing per MoE layer with G > 1 (since e48432a): its last training values
         r = logged[-1]
+        keys = {m.group(1): k for k in r if (m := CO_ROUTING_LOG.match(k))}  # layer name -> its log key
         s["co_routing_log"] = {
-            m.group(1): {"rate": float(r[k]), "chance": float(r[f"{k}_chance"]), "update": int(float(r["num_updates"]))}
-            for k in sorted(r, key=lambda k: layer_order(k[len("moe_") :].split("_")[0]))
-            if (m := CO_ROUTING_LOG.match(k))
+            name: {"rate": float(r[k]), "chance": float(r[f"{k}_chance"]), "update": int(float(r["num_updates"]))}
+            for name, k in sorted(keys.items(), key=lambda item: layer_order(item[0]))
         }
     return s
 
